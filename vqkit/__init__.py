@@ -1,0 +1,10 @@
+"""vqkit: discrete (VQ, residual VQ, FSQ) and continuous (AE, VAE) latent codes of speech and images."""
+
+__version__ = "0.1.0"
+
+
+def load_codec(model: str = "default"):
+    """Load a speech codec: ``"default"`` (shipped), a run folder or a checkpoint path."""
+    from vqkit.codec import load_codec as _load
+
+    return _load(model)

@@ -1,0 +1,3 @@
+from vqkit.cli import main
+
+raise SystemExit(main())

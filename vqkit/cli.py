@@ -1,0 +1,175 @@
+"""The ``vqkit`` command. The only module that reads ``sys.argv``; every verb calls the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vqkit import __version__
+from vqkit.errors import VqkitError
+
+LAYOUTS = ("auto", "folder", "fsdd", "l2arctic", "speechcommands", "ljspeech")
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set train.steps=500",
+    )
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from vqkit.config import load_config
+    from vqkit.data import prepare
+
+    overrides = list(args.overrides)
+    if args.layout:
+        overrides.append(f"data.layout={args.layout!r}")
+    if args.speakers:
+        overrides.append(f"data.speakers={_csv(args.speakers)!r}")
+    if args.labels:
+        overrides.append(f"data.labels={_csv(args.labels)!r}")
+    if args.max_per_speaker is not None:
+        overrides.append(f"data.max_per_speaker={args.max_per_speaker}")
+    if args.speaker_disjoint:
+        overrides.append("data.speaker_disjoint=true")
+    config = load_config(args.config, overrides)
+    summary = prepare(args.src, args.out, config, workers=args.workers)
+    print(summary.describe())
+    return 0 if summary.n_ok > 0 else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vqkit.config import load_config
+    from vqkit.train import train
+
+    config = load_config(args.config, args.overrides)
+    train(config, data=args.data, run=args.run, resume=args.resume)
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from vqkit.codec import encode_file
+
+    info = encode_file(args.input, args.output, model=args.model, bitrate=args.bitrate)
+    print(info)
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from vqkit.codec import decode_file
+
+    info = decode_file(args.input, args.output, model=args.model, iters=args.iters)
+    print(info)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vqkit.bench import run_bench
+
+    run_bench(
+        args.audio_dir,
+        args.out,
+        model=args.model,
+        bitrates=[float(b) for b in _csv(args.bitrates)] if args.bitrates else None,
+        baselines=_csv(args.baselines),
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vqkit.bench import demo
+
+    demo(args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vqkit",
+        description="Learn discrete and continuous latent codes of speech and images; "
+        "encode speech at a low bitrate.",
+    )
+    parser.add_argument("--version", action="version", version=f"vqkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, fn: Callable[[argparse.Namespace], int], help: str):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = verb("prepare", cmd_prepare, "build a feature cache from a speech corpus")
+    p.add_argument("src", type=Path, help="corpus root")
+    p.add_argument("out", type=Path, help="output feature cache folder")
+    p.add_argument("--layout", choices=LAYOUTS, help="corpus layout (default: from config, auto)")
+    p.add_argument("--config", type=Path, help="TOML recipe")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--speakers", help="comma-separated speakers to keep (l2arctic, folder)")
+    p.add_argument("--labels", help="comma-separated labels to keep (speechcommands)")
+    p.add_argument("--max-per-speaker", type=int, help="at most N utterances per speaker")
+    p.add_argument("--speaker-disjoint", action="store_true", help="split by speaker")
+    _add_config_args(p)
+
+    p = verb("train", cmd_train, "train a model on a feature cache")
+    p.add_argument("config", type=Path, help="TOML recipe")
+    p.add_argument("--data", type=Path, required=True, help="feature cache from vqkit prepare")
+    p.add_argument("--run", type=Path, required=True, help="run folder (checkpoints, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN's last checkpoint")
+    _add_config_args(p)
+
+    p = verb("encode", cmd_encode, "encode audio to a .vqc code file")
+    p.add_argument("input", type=Path, help="audio file")
+    p.add_argument("output", type=Path, help="code file to write (.vqc)")
+    p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
+    p.add_argument("--bitrate", type=float, help="target kbit/s (default: the model's highest)")
+
+    p = verb("decode", cmd_decode, "decode a .vqc code file to audio")
+    p.add_argument("input", type=Path, help="code file (.vqc)")
+    p.add_argument("output", type=Path, help="audio file to write (.wav or .flac)")
+    p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
+    p.add_argument("--iters", type=int, help="Griffin-Lim iterations (default: the model's)")
+
+    p = verb("bench", cmd_bench, "compare the codec with Codec 2 and Opus on held-out speech")
+    p.add_argument("audio_dir", type=Path, help="folder of held-out speech clips")
+    p.add_argument("--out", type=Path, required=True, help="output folder for results and report")
+    p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
+    p.add_argument("--bitrates", help="comma-separated kbit/s for the model (default: all)")
+    p.add_argument(
+        "--baselines", default="codec2,opus,oracle", help="comma-separated: codec2,opus,oracle"
+    )
+
+    p = verb("demo", cmd_demo, "run the shipped model and the baselines on the bundled sample")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``vqkit`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except VqkitError as e:
+        if args.debug:
+            raise
+        print(f"vqkit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vqkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line unless --debug asks for the traceback
+        if args.debug:
+            raise
+        print(f"vqkit: internal error: {type(e).__name__}: {e} (rerun with --debug)", file=sys.stderr)
+        return 1

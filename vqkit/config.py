@@ -1,0 +1,236 @@
+"""Typed configuration: frozen dataclasses loaded from TOML and overridden by ``section.key=value``.
+
+One word per concept: the TOML key, the ``--set`` flag, the constructor argument and the code-file
+header all use the same name. Unknown keys and wrong types raise :class:`VqkitError` with the nearest
+valid name, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vqkit.errors import VqkitError
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """How audio is read before feature extraction."""
+
+    sample_rate: int = 16000
+    duration: float = 0.0  # seconds; 0 keeps each file's own length
+    pad_side: str = "right"  # right | left
+    pad_mode: str = "constant"  # constant (zeros) | reflect
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """The spectral front end (see :mod:`vqkit.features`)."""
+
+    kind: str = "stft"  # stft (log-magnitude dB) | mel (log-mel dB) | ratek (Codec 2 rate-K) | image
+    n_fft: int = 512
+    hop_length: int = 128
+    win_length: int = 0  # 0 means n_fft
+    n_mels: int = 80
+    fmin: float = 0.0
+    fmax: float = 0.0  # 0 means sample_rate / 2
+    rate_k: int = 20  # number of rate-K envelope samples
+    normalise: str = "meanstd"  # none | minmax | minmax_sym | meanstd
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Corpus layout, subsets and the split."""
+
+    layout: str = "auto"
+    speakers: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    max_per_speaker: int = 0  # 0 means no limit
+    speaker_disjoint: bool = False
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder and decoder (see :mod:`vqkit.model`)."""
+
+    kind: str = "conv1d"  # conv1d (bins as channels) | conv2d (features as an image) | convlist
+    hidden: int = 128
+    latent_dim: int = 64
+    n_res_blocks: int = 2
+    downsample: int = 4  # conv1d: time decimation; conv2d: spatial factor (power of 2)
+    filters: tuple[int, ...] = (32, 64)  # convlist
+    kernels: tuple[int, ...] = (3, 3)  # convlist
+    strides: tuple[int, ...] = (2, 2)  # convlist
+    dense_dim: int = 0  # convlist: > 0 adds a dense bottleneck of this size
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    """The latent bottleneck (see :mod:`vqkit.bottleneck`)."""
+
+    kind: str = "vq"  # identity (AE) | gaussian (VAE) | vq | rvq | fsq
+    codebook_size: int = 512
+    codebook_dim: int = 0  # 0 means latent_dim; smaller projects to a low-dimensional lookup
+    n_codebooks: int = 1
+    beta: float = 0.25  # commitment weight
+    ema: bool = True
+    decay: float = 0.99
+    kmeans_init: bool = True
+    dead_threshold: float = 2.0  # codes used fewer times than this per window are re-seeded
+    l2_normalize: bool = False
+    quantizer_dropout: float = 0.0  # probability of training a batch on fewer residual stages
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+    kl_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop (see :mod:`vqkit.train`)."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    segment_frames: int = 128  # random crop length in frames; 0 uses whole (padded) items
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    recon_loss: str = "mse"  # mse | l1 | l1+mse
+    log_every: int = 50
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    eval_batches: int = 20
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # 0 leaves torch's default
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Encoding to and decoding from ``.vqc`` files (see :mod:`vqkit.codec`)."""
+
+    synthesis: str = "griffinlim"
+    gl_iters: int = 32
+    gl_momentum: float = 0.99
+    chunk_seconds: float = 20.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole recipe. Every section has defaults, so a TOML file names only what it changes."""
+
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(name, options, n=1)
+    return f"; did you mean '{near[0]}'?" if near else f"; valid: {', '.join(options)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int, float, str, bool or tuple[X, ...])."""
+    if typing.get_origin(tp) is tuple:
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        if not isinstance(value, list | tuple):
+            raise VqkitError(f"{where} must be a list of {item.__name__}, got {value!r}")
+        return tuple(_coerce(v, item, where) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is not bool and isinstance(value, bool) or not isinstance(value, tp):
+        raise VqkitError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in hints:
+            raise VqkitError(f"unknown config key '{path}'{_suggest(key, names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise VqkitError(f"config section '{path}' must be a table, got {value!r}")
+            kwargs[key] = _build(tp, value, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from nested dicts, strictly."""
+    return _build(Config, values, "")
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain nested dicts (tuples become lists), for JSON and TOML."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return list(v) if isinstance(v, tuple) else v
+
+    return plain(dataclasses.asdict(config))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as TOML, else taken as a bare string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise VqkitError(f"--set expects section.key=value, got '{text}'")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def merge_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``values`` with every ``section.key=value`` override applied."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) != 2:
+            raise VqkitError(f"--set expects section.key=value, got '{text}'")
+        section, key = keys
+        if not isinstance(merged.setdefault(section, {}), dict):
+            raise VqkitError(f"config section '{section}' must be a table")
+        merged[section][key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a TOML recipe (or the defaults when ``path`` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise VqkitError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise VqkitError(f"cannot read config {path}: {e}") from None
+    return config_from_dict(merge_overrides(values, list(overrides)))
+
+
+def replace(config: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of ``config`` with some keys of some sections changed (checked like a TOML file)."""
+    values = config_to_dict(config)
+    for name, changes in sections.items():
+        values[name] = {**values[name], **changes}
+    return config_from_dict(values)
+

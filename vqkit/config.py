@@ -84,7 +84,9 @@ class BottleneckConfig:
     ema: bool = True
     decay: float = 0.99
     kmeans_init: bool = True
+    kmeans_iters: int = 10  # Lloyd iterations of the k-means initialisation
     dead_threshold: float = 2.0  # codes used fewer times than this per window are re-seeded
+    dead_window: int = 100  # training batches per dead-code window; 0 disables re-seeding
     l2_normalize: bool = False
     quantizer_dropout: float = 0.0  # probability of training a batch on fewer residual stages
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY_SAMPLE_RATE, synth_utterance
+from test_metrics import speechlike
 
 from vqkit import baselines
 from vqkit.audio import resample
@@ -30,12 +30,7 @@ needs_opus = pytest.mark.skipif(
 
 
 def speech(seed: int, seconds: float = 1.2) -> np.ndarray:
-    """Speech-like syllables with pauses, at 16 kHz."""
-    rng = np.random.default_rng(seed)
-    parts = []
-    while sum(p.size for p in parts) < seconds * TINY_SAMPLE_RATE:
-        parts += [synth_utterance(rng, 0.3, rng.uniform(100, 200)), np.zeros(800, np.float32)]
-    return resample(np.concatenate(parts), TINY_SAMPLE_RATE, RATE)
+    return speechlike(seed, seconds, RATE)
 
 
 def test_shift_undoes_a_delay_and_keeps_the_length():

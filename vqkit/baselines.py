@@ -34,7 +34,6 @@ CODEC2_RATE = 8000
 CODEC2_MODES = ("3200", "2400", "1600", "1400", "1300", "1200", "700C", "450")
 CODEC2_MAX_LAG = 800  # samples at 8 kHz searched for the decoder's delay (100 ms)
 ENVELOPE_SECONDS = 0.02
-FINE_SEARCH = 8  # samples around the STOI-chosen lag searched by waveform correlation
 WAVEFORM_CORRELATION = 0.5
 OPUS_KBPS = (6.0, 8.0, 12.0)
 OPUS_DECODE_RATE = 48000
@@ -276,11 +275,17 @@ def find_delay(
     max_lag: int,
     max_clips: int = 8,
 ) -> int:
-    """One fixed delay of a system's ``outputs`` against ``refs`` (both at ``sample_rate``): the
-    peak of the clips' envelope cross-correlation, refined by the mean STOI on a grid around it,
-    then to the sample by the waveform correlation where the output keeps the waveform. At most
-    ``max_clips`` clips are used, to bound the cost."""
+    """One fixed delay of a system's ``outputs`` against ``refs`` (both at ``sample_rate``).
+
+    An output that keeps the waveform (Opus, a plain delay: mean normalised correlation above
+    0.5) is aligned to the sample by cross-correlation. A parametric one (Codec 2: under 0.3)
+    by the peak of the envelope cross-correlation, refined by the mean STOI on a grid around it.
+    At most ``max_clips`` clips are used, to bound the cost.
+    """
     refs, outputs = list(refs)[:max_clips], list(outputs)[:max_clips]
+    waveform = _correlation(refs, outputs, max_lag)
+    if waveform.max() > WAVEFORM_CORRELATION:
+        return int(np.argmax(waveform))
     coarse = estimate_lag(
         [_envelope(x, sample_rate) for x in refs],
         [_envelope(y, sample_rate) for y in outputs],
@@ -296,12 +301,7 @@ def find_delay(
         score = float(np.mean(numbers)) if numbers else -math.inf
         if score > best_score:
             best, best_score = lag, score
-    # A system that keeps the waveform (Opus, a plain delay) is then aligned to the sample; a
-    # parametric one (Codec 2, correlation under 0.3) keeps the lag its envelope and STOI chose.
-    waveform = _correlation(refs, outputs, max_lag)
-    low, high = max(best - FINE_SEARCH, 0), min(best + FINE_SEARCH, max_lag)
-    peak = low + int(np.argmax(waveform[low : high + 1]))
-    return peak if waveform[peak] > WAVEFORM_CORRELATION else best
+    return best
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,219 @@
+"""Checkpoints: safetensors weights plus the JSON config, written atomically, never unpickled.
+
+A checkpoint file holds
+  metadata  {"format": "vqkit-checkpoint", "version": "1", "config": <json>, "meta": <json>}
+            and, for a resumable checkpoint, "optimizer" and "scheduler" (JSON without tensors);
+  tensors   "model.<name>" (the model's state_dict), other named tensors such as "norm.mean" and
+            "norm.std" (the normaliser the data used), "optimizer.<param>.<key>" (optimizer state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from vqkit.config import Config, config_from_dict, config_to_dict
+from vqkit.errors import VqkitError
+from vqkit.files import atomic_path
+from vqkit.model import Autoencoder, build_model
+
+FORMAT = "vqkit-checkpoint"
+FORMAT_VERSION = 1
+MODEL_PREFIX = "model."
+OPTIMIZER_PREFIX = "optimizer."
+CHECKPOINT_NAMES = ("best.safetensors", "last.safetensors")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint; ``optimizer`` and ``scheduler`` are state dicts or None (not saved)."""
+
+    model: Autoencoder  # in eval mode
+    config: Config
+    tensors: dict[str, Tensor]  # non-model, non-optimizer tensors, e.g. "norm.mean"
+    meta: dict[str, Any]
+    model_id: str  # sha256 of weights + config, 16 hex digits
+    optimizer: dict[str, Any] | None = field(default=None, repr=False)
+    scheduler: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    config: Config,
+    *,
+    tensors: dict[str, Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> None:
+    """Write ``model`` (and optionally the optimizer and scheduler) to ``path`` atomically."""
+    flat = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
+    for name, value in (tensors or {}).items():
+        if name.startswith((MODEL_PREFIX, OPTIMIZER_PREFIX)):
+            raise ValueError(f"tensor name {name!r} uses a reserved prefix")
+        flat[name] = value
+    metadata = {
+        "format": FORMAT,
+        "version": str(FORMAT_VERSION),
+        "config": json.dumps(config_to_dict(config), sort_keys=True),
+        "meta": json.dumps(meta or {}, sort_keys=True),
+    }
+    if optimizer is not None:
+        optim_tensors, metadata["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        flat.update(optim_tensors)
+    if scheduler is not None:
+        metadata["scheduler"] = json.dumps(scheduler.state_dict())
+    # safetensors refuses shared or non-contiguous storage; checkpoints are small, so copy.
+    flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in flat.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=metadata)
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Checkpoint:
+    """Load a checkpoint written by :func:`save_checkpoint`; the model is returned in eval mode."""
+    path = Path(path)
+    metadata, flat = _read_safetensors(path, map_location)
+    if metadata.get("format") != FORMAT:
+        raise VqkitError(f"{path} is a safetensors file but not a vqkit checkpoint (no format tag)")
+    if metadata.get("version") != str(FORMAT_VERSION):
+        raise VqkitError(
+            f"{path} is vqkit checkpoint version {metadata.get('version')}; this vqkit reads "
+            f"version {FORMAT_VERSION}: retrain or use a matching vqkit"
+        )
+    try:
+        config = config_from_dict(json.loads(metadata["config"]))
+        meta = json.loads(metadata.get("meta", "{}"))
+    except (KeyError, json.JSONDecodeError, VqkitError) as e:
+        raise VqkitError(f"{path} has a config this vqkit cannot load: {e}") from None
+    weights = {k[len(MODEL_PREFIX) :]: v for k, v in flat.items() if k.startswith(MODEL_PREFIX)}
+    model = _build_and_fill(path, config, meta, weights)
+    optimizer = None
+    if "optimizer" in metadata:
+        optim_tensors = {k: v for k, v in flat.items() if k.startswith(OPTIMIZER_PREFIX)}
+        optimizer = _unflatten_optimizer(optim_tensors, metadata["optimizer"])
+    return Checkpoint(
+        model=model.eval(),
+        config=config,
+        tensors={
+            k: v for k, v in flat.items() if not k.startswith((MODEL_PREFIX, OPTIMIZER_PREFIX))
+        },
+        meta=meta,
+        model_id=model_id(weights, config),
+        optimizer=optimizer,
+        scheduler=json.loads(metadata["scheduler"]) if "scheduler" in metadata else None,
+    )
+
+
+def model_id(weights: dict[str, Tensor], config: Config) -> str:
+    """A short content hash of the weights and the config: 16 hex digits of sha256."""
+    digest = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode())
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve_model(name: str | os.PathLike) -> Path:
+    """Map ``"default"``, a run folder or a file path to a checkpoint file that exists."""
+    if str(name) == "default":
+        path = Path(str(importlib.resources.files("vqkit") / "assets" / "default.safetensors"))
+        if not path.is_file():
+            raise VqkitError("this vqkit ships no default model; pass --model RUN or a checkpoint")
+        return path
+    path = Path(name)
+    if path.is_dir():
+        for candidate in CHECKPOINT_NAMES:
+            if (path / "checkpoints" / candidate).is_file():
+                return path / "checkpoints" / candidate
+        raise VqkitError(f"{path} is a folder without checkpoints/best.safetensors (not a run?)")
+    if not path.is_file():
+        raise VqkitError(f"model {path} does not exist (expected 'default', a run or a checkpoint)")
+    return path
+
+
+def _read_safetensors(path: Path, map_location: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+    if not path.is_file():
+        raise VqkitError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (0x80 protocol).
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        raise VqkitError(
+            f"{path} is a pickled PyTorch file (torch.save); vqkit refuses to unpickle "
+            "checkpoints: save it with vqkit (safetensors) instead"
+        )
+    try:
+        with safe_open(str(path), framework="pt", device=map_location) as f:
+            metadata = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VqkitError(f"{path} is not a safetensors checkpoint ({e})") from None
+    return metadata, flat
+
+
+def _build_and_fill(
+    path: Path, config: Config, meta: dict[str, Any], weights: dict[str, Tensor]
+) -> Autoencoder:
+    if "in_shape" not in meta:
+        raise VqkitError(f"{path} does not record the model's input shape (meta.in_shape)")
+    try:
+        model = build_model(config, tuple(meta["in_shape"]))
+    except (VqkitError, ValueError) as e:
+        raise VqkitError(f"{path} has a config this vqkit cannot build a model from: {e}") from None
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    reshaped = sorted(
+        k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape
+    )
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
+        raise VqkitError(
+            f"{path}: checkpoint from another model: its weights do not fit the model built from "
+            f"its config ({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} "
+            f"of another shape, e.g. '{example}')"
+        )
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
+    """Split an optimizer state_dict into tensors and a JSON string with everything else."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, Tensor):
+                tensors[f"{OPTIMIZER_PREFIX}{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    text = json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
+    return tensors, text
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], text: str) -> dict[str, Any]:
+    """Inverse of :func:`_flatten_optimizer`: an optimizer state_dict ready for load_state_dict."""
+    plain = json.loads(text)
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name[len(OPTIMIZER_PREFIX) :].split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in plain["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = plain["param_groups"]
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}

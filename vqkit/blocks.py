@@ -107,6 +107,8 @@ def flatten_latent(z: Tensor) -> Tensor:
 def unflatten_latent(rows: Tensor, like_shape: torch.Size | tuple[int, ...]) -> Tensor:
     """Inverse of :func:`flatten_latent`: ``(B * prod(S), D') -> (B, D', *S)``.
 
-    ``like_shape`` is ``(B, *S)``, the shape of the latent without its channel axis.
+    ``like_shape`` is ``(B, *S)``, the shape of the latent without its channel axis. The result
+    is contiguous: a conv may take another code path (and round differently) for another memory
+    layout, and decoding must give the same bits however the latent was made.
     """
-    return rows.reshape(*like_shape, rows.shape[-1]).movedim(-1, 1)
+    return rows.reshape(*like_shape, rows.shape[-1]).movedim(-1, 1).contiguous()

@@ -62,13 +62,40 @@ def sample_rows(x: Tensor, n: int) -> Tensor:
     return broadcast(x[index].contiguous())
 
 
+def kmeans_plus_plus(x: Tensor, k: int) -> Tensor:
+    """k-means++ seeds: ``k`` rows of ``x`` ``(M, d)``, each drawn with probability proportional
+    to its squared distance from the seeds so far (rank 0's choice under ``torch.distributed``).
+
+    With fewer than ``k`` distinct rows the rest are drawn at random, with replacement.
+    """
+    norms = x.pow(2).sum(1)
+
+    def distance(row: int) -> Tensor:  # |x - x_row|^2 for every row, by one matrix-vector product
+        return torch.addmv(norms + norms[row], x, x[row], alpha=-2).clamp_(min=0)
+
+    index = torch.empty(k, dtype=torch.long, device=x.device)
+    index[0] = torch.randint(x.shape[0], ())
+    closest = distance(int(index[0]))
+    for i in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # every row is already a seed
+            index[i:] = torch.randint(x.shape[0], (k - i,), device=x.device)
+            break
+        index[i] = torch.multinomial(closest / total, 1)[0]
+        closest = torch.minimum(closest, distance(int(index[i])))
+    return broadcast(x[index].contiguous())
+
+
 def kmeans(x: Tensor, k: int, iters: int, l2_normalize: bool = False) -> Tensor:
-    """Lloyd's k-means of the rows of ``x`` ``(M, d)`` into ``k`` centroids ``(k, d)``.
+    """Lloyd's k-means of the rows of ``x`` ``(M, d)`` into ``k`` centroids ``(k, d)``, seeded by
+    k-means++.
 
     Sums and counts are all-reduced, so under ``torch.distributed`` every rank clusters the
     union of all ranks' rows and gets the same centroids. Empty clusters keep their centroid.
     """
-    centroids = sample_rows(x, k)
+    centroids = kmeans_plus_plus(x, k)
+    if l2_normalize:
+        centroids = F.normalize(centroids, dim=1)
     for _ in range(iters):
         codes = nearest(x, centroids)
         sums = all_reduce_sum(torch.zeros_like(centroids).index_add_(0, codes, x))
@@ -96,7 +123,8 @@ class CodebookOptions:
 class Codebook(nn.Module):
     """``codebook_size`` vectors of ``dim`` values with their learning state.
 
-    Buffers: ``initialised`` (k-means done), ``usage`` (counts in the current dead-code window),
+    Buffers: ``initialised`` (k-means done), ``usage`` (counts in the current dead-code window,
+    over all ranks),
     ``steps`` (training batches in the window), and with EMA ``cluster_size`` and ``embed_sum``.
     """
 
@@ -141,10 +169,11 @@ class Codebook(nn.Module):
     def update(self, x: Tensor, codes: Tensor) -> None:
         """One training step: EMA update and dead-code bookkeeping from rows ``x`` and ``codes``."""
         x = x.detach().to(self.usage.dtype)
-        counts = torch.bincount(codes, minlength=self.codebook_size).to(x.dtype)
+        # summed over ranks, so every buffer stays identical on every replica
+        counts = all_reduce_sum(torch.bincount(codes, minlength=self.codebook_size).to(x.dtype))
         if self.options.ema:
             sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, x)
-            self._ema_step(all_reduce_sum(counts.clone()), all_reduce_sum(sums))
+            self._ema_step(counts, all_reduce_sum(sums))
         self.usage += counts
         self.steps += 1
         if self.options.dead_window and int(self.steps) >= self.options.dead_window:
@@ -167,8 +196,7 @@ class Codebook(nn.Module):
 
         Ends the window (usage and step count start again). Returns how many were replaced.
         """
-        usage = all_reduce_sum(self.usage.clone())
-        dead = torch.nonzero(usage < self.options.dead_threshold).squeeze(1)
+        dead = torch.nonzero(self.usage < self.options.dead_threshold).squeeze(1)
         if len(dead):
             self._set_codes(dead, sample_rows(x.detach().to(self.usage.dtype), len(dead)))
         self.usage.zero_()

@@ -189,8 +189,9 @@ class ConvListEncoder(nn.Module):
         if not self.dense:
             return self.project(h)
         if h.shape[2:] != self.inner_size:
+            padded = tuple(s * self.multiple for s in self.inner_size)
             size = tuple(s * self.multiple for s in h.shape[2:])
-            raise ValueError(f"dense model expects inputs of size {self.input_size}, got {size}")
+            raise ValueError(f"expected inputs padded to {padded}, got {size}")
         return self.project(h.flatten(1))[:, :, None, None]
 
     def latent_size(self, size: Sequence[int]) -> tuple[int, ...]:
@@ -276,6 +277,9 @@ class Autoencoder(nn.Module):
                 expected = names.format(self.in_shape[0])
                 raise ValueError(f"expected x of shape {expected}, got {tuple(x.shape)}")
         size = tuple(x.shape[-self.dims :])
+        fixed = self.encoder.input_size if getattr(self.encoder, "dense", False) else size
+        if size != fixed:
+            raise ValueError(f"this model takes inputs of the fixed size {fixed}, got {size}")
         return self.encoder(pad_to_multiple(x, self.multiple, self.dims)), size
 
     def forward(self, x: Tensor, n_codebooks: int | None = None) -> AutoencoderOutput:

@@ -122,6 +122,7 @@ class CodecConfig:
     gl_iters: int = 32
     gl_momentum: float = 0.99
     chunk_seconds: float = 20.0
+    level_db: float = 0.0  # RMS level (dBFS) input is scaled to before encoding; 0 keeps it as is
 
 
 @dataclass(frozen=True)

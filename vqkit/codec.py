@@ -1,0 +1,411 @@
+"""The speech codec: audio -> residual-VQ codes in a ``.vqc`` file -> audio.
+
+Encoding streams: audio is read in blocks, resampled to the model's rate by a streaming soxr
+resampler, and the encoder runs on chunks of ``codec.chunk_seconds`` with margins of context that
+cover its receptive field (measured once from the model's gradients) and are then discarded, so
+the codes equal those of encoding the whole file at once. Decoding runs the decoder on chunks in
+the same way and synthesises the waveform window by window with a crossfade
+(:func:`vqkit.synthesis.synthesise_chunked`). Memory is bounded by the chunk size, not the length
+of the recording. The output has the original sample rate and exactly the original length.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from torch import Tensor, nn
+
+from vqkit.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from vqkit.checkpoint import Checkpoint, load_checkpoint, resolve_model
+from vqkit.codefile import EncodedAudio, bits_per_code
+from vqkit.config import Config
+from vqkit.errors import VqkitError
+from vqkit.features import make_frontend
+from vqkit.files import atomic_path, atomic_write_bytes
+from vqkit.normalise import Normaliser
+from vqkit.synthesis import make_synthesiser, synthesise_chunked
+
+BLOCK_FRAMES = 65536  # audio samples read (and resampled) at a time
+PROBE_FRAMES = 256  # first input length for measuring a network's receptive field
+MAX_PROBE_FRAMES = 16384
+MAX_GAIN_DB = 60  # the level normalisation never scales by more than this
+
+
+class Codec:
+    """A trained discrete model as a speech codec (see :func:`load_codec`)."""
+
+    def __init__(self, checkpoint: Checkpoint, chunk_seconds: float | None = None) -> None:
+        config, model = checkpoint.config, checkpoint.model
+        _check_model(config, model)
+        self.checkpoint, self.config, self.model = checkpoint, config, model.eval()
+        self.model_id = checkpoint.model_id
+        self.sample_rate = config.audio.sample_rate
+        self.frontend = make_frontend(config.features, self.sample_rate)
+        self.normaliser = _normaliser(checkpoint)
+        self.hop_length = self.frontend.hop_length
+        self.downsample = model.downsample  # feature frames per code frame
+        self.n_codebooks = model.bottleneck.n_codebooks
+        self.codebook_size = model.bottleneck.codebook_size
+        seconds = config.codec.chunk_seconds if chunk_seconds is None else chunk_seconds
+        self.chunk_codes = max(1, round(seconds * self.frame_rate))  # code frames per chunk
+
+    @property
+    def frame_rate(self) -> float:
+        """Code frames per second."""
+        return self.sample_rate / self.hop_length / self.downsample
+
+    @property
+    def bitrates(self) -> list[float]:
+        """kbit/s of the codes with 1..n_codebooks stages (frame rate x stages x bits)."""
+        bits = bits_per_code(self.codebook_size)
+        return [self.frame_rate * q * bits / 1000 for q in range(1, self.n_codebooks + 1)]
+
+    def n_stages(self, bitrate: float | None) -> int:
+        """The most stages whose bitrate is at most ``bitrate`` kbit/s (all when None)."""
+        if bitrate is None:
+            return self.n_codebooks
+        fitting = [q for q, rate in enumerate(self.bitrates, 1) if rate <= bitrate * (1 + 1e-9)]
+        if not fitting:
+            raise VqkitError(
+                f"--bitrate {bitrate:g} kbit/s is below this model's lowest, "
+                f"{self.bitrates[0]:.3f} kbit/s (1 stage)"
+            )
+        return fitting[-1]
+
+    @functools.cached_property
+    def margins(self) -> tuple[int, int]:
+        """Context in code frames that the encoder and the decoder need on each side of a chunk."""
+        d = self.downsample
+        reach = _reach(self.model.encoder, self.frontend.n_bins, d, downsampling=True)
+        latent_dim = self.model.bottleneck.latent_dim
+        return math.ceil(reach / d) + 1, _reach(self.model.decoder, latent_dim, d, False) + 1
+
+    def encode(
+        self, wave: np.ndarray, sample_rate: int, bitrate: float | None = None
+    ) -> EncodedAudio:
+        """Encode mono ``wave`` ``(T,)`` at ``sample_rate`` with the stages ``bitrate`` allows."""
+        wave = np.asarray(wave, dtype=np.float32)
+        if wave.ndim != 1 or wave.size == 0:
+            raise VqkitError(f"expected a non-empty mono waveform (T,), got {wave.shape}")
+        if not np.isfinite(wave).all():
+            raise VqkitError("waveform contains NaN or Inf samples")
+        blocks = [wave[i : i + BLOCK_FRAMES] for i in range(0, wave.size, BLOCK_FRAMES)]
+        gain = self._gain(blocks)
+        return self.encode_blocks(blocks, sample_rate, self.n_stages(bitrate), gain)
+
+    def encode_blocks(
+        self, blocks: Iterable[np.ndarray], sample_rate: int, n_stages: int, gain_db: int = 0
+    ) -> EncodedAudio:
+        """Encode consecutive mono blocks ``(T_i,)`` at ``sample_rate``, applying ``gain_db``."""
+        _check_rate(sample_rate)
+        length = [0]
+
+        def counted() -> Iterator[np.ndarray]:
+            for block in blocks:
+                length[0] += len(block)
+                yield block * np.float32(10 ** (gain_db / 20))
+
+        waves = _resample_stream(counted(), sample_rate, self.sample_rate)
+        with torch.inference_mode():
+            codes, n_samples = self._encode_stream(waves, n_stages)
+        return EncodedAudio(
+            model_id=self.model_id,
+            sample_rate=self.sample_rate,
+            hop_length=self.hop_length,
+            n_frames=self.frontend.n_frames(n_samples),
+            length=length[0],
+            orig_sample_rate=sample_rate,
+            codebook_sizes=(self.codebook_size,) * n_stages,
+            codes=codes,
+            gain_db=gain_db,
+        )
+
+    def decode(self, encoded: EncodedAudio, iters: int | None = None) -> np.ndarray:
+        """Decode to mono ``(T,)`` float32 at the original sample rate and length."""
+        return np.concatenate(list(self.decode_blocks(encoded, iters)))
+
+    def decode_blocks(
+        self, encoded: EncodedAudio, iters: int | None = None
+    ) -> Iterator[np.ndarray]:
+        """Decode to consecutive blocks at the original sample rate, ``encoded.length`` in all.
+
+        Checks that ``encoded`` fits this model at once; the work happens as blocks are taken.
+        """
+        self._check_encoded(encoded)
+        n_frames, sr, osr = encoded.n_frames, self.sample_rate, encoded.orig_sample_rate
+        # The model-rate length the encoder saw (soxr gives round(length * sr / osr) samples),
+        # kept consistent with n_frames and at least one sample.
+        hop = self.hop_length
+        length = round(encoded.length * sr / osr)
+        length = max(1, (n_frames - 1) * hop, min(length, n_frames * hop - 1))
+        synthesiser = make_synthesiser(self.config.codec, self.frontend, iters)
+        window = self.chunk_codes * self.downsample
+        overlap = max(2, min(2 * math.ceil(self.frontend.n_fft / hop), window // 2))
+        features = self._decode_features(torch.from_numpy(encoded.codes.astype(np.int64)), n_frames)
+        scale = np.float32(10 ** (-encoded.gain_db / 20))
+        waves = synthesise_chunked(synthesiser, features, n_frames, length, window, overlap)
+        waves = (wave * scale for wave in waves)
+        return _exact_length(_resample_stream(waves, sr, osr), encoded.length)
+
+    def _gain(self, blocks: Iterable[np.ndarray]) -> int:
+        """Whole-dB gain bringing the RMS level to ``codec.level_db`` (0 when that is 0)."""
+        target = self.config.codec.level_db
+        if target == 0:
+            return 0
+        energy, count = 0.0, 0
+        for block in blocks:
+            energy += float(np.dot(block.astype(np.float64), block))
+            count += len(block)
+        level = 10 * math.log10(max(energy / max(count, 1), 1e-12))
+        return int(np.clip(round(target - level), -MAX_GAIN_DB, MAX_GAIN_DB))
+
+    def _encode_stream(self, waves: Iterator[np.ndarray], n_stages: int) -> tuple[np.ndarray, int]:
+        """Codes ``(Q, N')`` of a model-rate sample stream, chunk by chunk; and its length."""
+        d, hop, margin = self.downsample, self.hop_length, self.margins[0]
+        context = math.ceil(self.frontend.n_fft / 2 / hop)  # frames the STFT reaches either side
+        buffer, offset, total = np.zeros(0, dtype=np.float32), 0, None
+        chunks, start = [], 0
+        while True:
+            stop = start + self.chunk_codes
+            first, last = max(0, (start - margin) * d), (stop + margin) * d  # feature frames
+            needed = (last - 1 + context) * hop + 1
+            while total is None and offset + len(buffer) < needed:
+                block = next(waves, None)
+                if block is None:
+                    total = offset + len(buffer)
+                else:
+                    buffer = np.concatenate([buffer, block])
+            if total is not None:
+                n_frames = self.frontend.n_frames(total)
+                if start >= math.ceil(n_frames / d):
+                    break
+                stop, last = min(stop, math.ceil(n_frames / d)), min(last, n_frames)
+            begin = max(0, first - context) * hop  # a frame boundary, so frames line up
+            buffer, offset = buffer[begin - offset :], begin
+            features = self.frontend(torch.from_numpy(buffer[: needed - begin])[None])
+            x = self.normaliser.normalise(features[..., first - begin // hop : last - begin // hop])
+            codes = self.model.encode(x, n_stages)[0]  # (Q, L)
+            chunks.append(codes[:, start - first // d : stop - first // d].numpy())
+            start = stop
+        return np.concatenate(chunks, axis=1), total
+
+    def _decode_features(self, codes: Tensor, n_frames: int) -> Iterator[Tensor]:
+        """Features in dB ``(F, N_i)`` of codes ``(Q, N')``, chunk by chunk, ``n_frames`` in all."""
+        d, margin, n_codes = self.downsample, self.margins[1], codes.shape[1]
+        for start in range(0, n_codes, self.chunk_codes):
+            stop = min(start + self.chunk_codes, n_codes)
+            first, last = max(0, start - margin), min(n_codes, stop + margin)
+            with torch.inference_mode():
+                x_hat = self.model.decode(codes[None, :, first:last])
+                no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
+                x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
+            yield x_hat[:, (start - first) * d : min(stop * d, n_frames) - first * d]
+
+    def _check_encoded(self, encoded: EncodedAudio) -> None:
+        if encoded.model_id != self.model_id:
+            raise VqkitError(
+                f"the code file was made by model {encoded.model_id}, not this model "
+                f"({self.model_id}): decode with the --model it was encoded with"
+            )
+        expected = math.ceil(encoded.n_frames / self.downsample)
+        if (
+            (encoded.sample_rate, encoded.hop_length) != (self.sample_rate, self.hop_length)
+            or encoded.n_stages > self.n_codebooks
+            or set(encoded.codebook_sizes) != {self.codebook_size}
+            or encoded.codes.shape[1] != expected
+        ):
+            raise VqkitError(
+                "the code file's header does not fit its model (rate, hop, stages, codebook "
+                "sizes or frame counts differ): the file is damaged"
+            )
+
+
+def load_codec(model: str | os.PathLike = "default", chunk_seconds: float | None = None) -> Codec:
+    """The codec of ``model``: "default" (shipped), a run folder or a checkpoint file."""
+    return Codec(load_checkpoint(resolve_model(model)), chunk_seconds)
+
+
+def encode_file(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    model: str | os.PathLike = "default",
+    bitrate: float | None = None,
+) -> str:
+    """Encode an audio file to a ``.vqc`` code file; returns a one-line summary."""
+    codec = load_codec(model)
+    n_stages = codec.n_stages(bitrate)  # fail on a bad bitrate before reading anything
+    sample_rate, blocks = _open_audio(input)
+    gain = codec._gain(_open_audio(input)[1]) if codec.config.codec.level_db else 0
+    encoded = codec.encode_blocks(blocks, sample_rate, n_stages, gain)
+    data = encoded.to_bytes()
+    atomic_write_bytes(output, data)
+    return f"{output}: {encoded.n_stages} stages, {_rates(encoded, len(data))}"
+
+
+def decode_file(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    model: str | os.PathLike = "default",
+    iters: int | None = None,
+) -> str:
+    """Decode a ``.vqc`` code file to a WAV or FLAC file; returns a one-line summary."""
+    path, output = Path(input), Path(output)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise VqkitError(f"cannot read {path}: {e.strerror or e}") from None
+    encoded = EncodedAudio.from_bytes(data)
+    codec = load_codec(model)
+    blocks = codec.decode_blocks(encoded, iters)
+    audio_format = {".wav": "WAV", ".flac": "FLAC"}.get(output.suffix.lower())
+    if audio_format is None:
+        raise VqkitError(f"{output}: output must end in .wav or .flac")
+    with (
+        atomic_path(output) as tmp,
+        sf.SoundFile(
+            str(tmp), "w", encoded.orig_sample_rate, 1, "PCM_16", format=audio_format
+        ) as sink,
+    ):
+        for block in blocks:
+            sink.write(np.clip(block, -1.0, 1.0))
+    return f"{output}: {encoded.n_stages} stages decoded, {_rates(encoded, len(data))}"
+
+
+def _rates(encoded: EncodedAudio, n_bytes: int) -> str:
+    seconds = encoded.duration
+    payload = encoded.payload_size()
+    return (
+        f"{seconds:.2f} s at {encoded.orig_sample_rate} Hz, {n_bytes} bytes: "
+        f"{n_bytes * 8 / seconds / 1000:.3f} kbit/s with the header, "
+        f"{payload * 8 / seconds / 1000:.3f} kbit/s without"
+    )
+
+
+def _check_model(config: Config, model: nn.Module) -> None:
+    if not getattr(model.bottleneck, "discrete", False):
+        kind = config.bottleneck.kind
+        raise VqkitError(f"a codec needs a discrete bottleneck (vq, rvq or fsq), not '{kind}'")
+    if config.model.kind != "conv1d":
+        raise VqkitError(
+            f"the codec needs a conv1d model (codes over time), not {config.model.kind}"
+        )
+    if config.features.kind not in ("stft", "mel"):
+        raise VqkitError(f"features.kind '{config.features.kind}' cannot be turned back into audio")
+    if bits_per_code(model.bottleneck.codebook_size) > 16:
+        raise VqkitError("the code file holds codebooks of at most 65536 entries")
+
+
+def _normaliser(checkpoint: Checkpoint) -> Normaliser:
+    kind = checkpoint.config.features.normalise
+    if kind not in ("none", "meanstd"):
+        raise VqkitError(
+            f"the codec needs features.normalise 'meanstd' or 'none', not '{kind}' "
+            "(per-utterance min-max values are side information it does not carry)"
+        )
+    if kind == "none":
+        return Normaliser(kind)
+    if not {"norm.mean", "norm.std"} <= set(checkpoint.tensors):
+        raise VqkitError("the checkpoint lacks the normaliser's norm.mean and norm.std")
+    return Normaliser(kind, checkpoint.tensors["norm.mean"], checkpoint.tensors["norm.std"])
+
+
+def _reach(net: nn.Module, channels: int, factor: int, downsampling: bool) -> int:
+    """How far (in input frames) an output frame of a 1-D conv net looks either side: measured
+    from input gradients of random inputs, the probe doubled until the reach fits inside it.
+
+    Downsampling nets (encoders) map ``factor`` input frames to one output frame; upsampling nets
+    (decoders) one input frame to ``factor`` output frames.
+    """
+    length, generator = PROBE_FRAMES, torch.Generator().manual_seed(0)
+    while True:  # gradients work inside a caller's inference_mode too
+        middle = length // 2 // factor * factor  # an input frame on the output grid
+        out = (
+            slice(middle // factor, middle // factor + 1)
+            if downsampling
+            else slice(middle * factor, (middle + 1) * factor)
+        )
+        touched = torch.zeros(length, dtype=torch.bool)
+        for _ in range(2):  # a second random point guards against units that happen to be off
+            with torch.inference_mode(False), torch.enable_grad():
+                x = torch.randn(1, channels, length, generator=generator, requires_grad=True)
+                y = net(x)[..., out]
+                (grad,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
+            touched |= grad[0].abs().sum(0) > 0
+        index = torch.nonzero(touched)[:, 0]
+        low, high = int(index.min()), int(index.max())
+        if (low > 0 and high < length - 1) or length >= MAX_PROBE_FRAMES:
+            return max(middle - low, high - middle)
+        length *= 2
+
+
+def _check_rate(sample_rate: int) -> None:
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise VqkitError(
+            f"sample rate {sample_rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
+        )
+
+
+def _resample_stream(
+    blocks: Iterable[np.ndarray], orig_sr: int, target_sr: int
+) -> Iterator[np.ndarray]:
+    """Resample a stream of blocks with one soxr stream: the same samples as resampling at once."""
+    if orig_sr == target_sr:
+        yield from (np.asarray(block, dtype=np.float32) for block in blocks)
+        return
+    stream = soxr.ResampleStream(orig_sr, target_sr, 1, dtype="float32", quality="HQ")
+    for block in blocks:
+        yield stream.resample_chunk(np.asarray(block, dtype=np.float32))
+    yield stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+
+
+def _exact_length(blocks: Iterable[np.ndarray], length: int) -> Iterator[np.ndarray]:
+    """Crop or zero-pad a stream of blocks to exactly ``length`` samples."""
+    emitted = 0
+    for block in blocks:
+        block = block[: length - emitted]
+        emitted += len(block)
+        yield block
+    yield np.zeros(length - emitted, dtype=np.float32)
+
+
+def _open_audio(path: str | os.PathLike) -> tuple[int, Iterator[np.ndarray]]:
+    """The sample rate of an audio file and its mono float32 blocks, read a block at a time
+    (the checks of :func:`vqkit.audio.read_audio`, applied block by block)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VqkitError(f"{path}: no such file")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
+        raise VqkitError(f"{path}: cannot decode audio ({_first_line(e)})") from None
+    return info.samplerate, _blocks(path, info.channels)
+
+
+def _blocks(path: Path, channels: int) -> Iterator[np.ndarray]:
+    n_read = 0
+    with sf.SoundFile(str(path)) as f:
+        while True:
+            try:
+                data = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+                raise VqkitError(f"{path}: cannot decode audio ({_first_line(e)})") from None
+            if len(data) == 0:
+                break
+            if not np.isfinite(data).all():
+                raise VqkitError(f"{path}: audio contains NaN or Inf samples")
+            n_read += len(data)
+            yield data.mean(axis=1) if channels > 1 else data[:, 0]
+    if n_read == 0:
+        raise VqkitError(f"{path}: audio has no samples")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -16,6 +16,15 @@ BOTTLENECKS = ["identity", "gaussian", "vq", "rvq", "fsq"]
 TINY = {"hidden": 16, "latent_dim": 8, "n_res_blocks": 1, "filters": [8, 16]}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids waking a second one for every small op (and is faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(
     kind: str, family: str, model: dict | None = None, bottleneck: dict | None = None, **sections
 ) -> Config:
@@ -98,17 +107,8 @@ def test_gradients_reach_encoder_decoder_and_every_codebook(ema: bool) -> None:
             assert stage.codebook.vectors.grad.abs().sum() > 0
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny steps: one thread avoids the cost of waking a second one for each small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("bottleneck", ["vq", "gaussian"])
-def test_a_tiny_model_overfits_one_batch(bottleneck: str, one_thread: None) -> None:
+def test_a_tiny_model_overfits_one_batch(bottleneck: str) -> None:
     torch.manual_seed(3)
     config = tiny_config(
         "conv1d",

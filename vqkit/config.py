@@ -90,7 +90,7 @@ class BottleneckConfig:
     l2_normalize: bool = False
     quantizer_dropout: float = 0.0  # probability of training a batch on fewer residual stages
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
-    kl_weight: float = 1.0
+    kl_weight: float = 1.0  # VAE loss weight of the KL, itself a mean over latent elements
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vqkit.train import train
 
     config = load_config(args.config, args.overrides)
-    train(config, data=args.data, run=args.run, resume=args.resume)
+    result = train(config, data=args.data, run=args.run, resume=args.resume)
+    for split, row in (("val", result.val), ("test", result.test)):
+        if row:
+            shown = {k: v for k, v in row.items() if k in ("recon", "sd_db", "usage/0")}
+            print(f"{split}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    print(f"trained {result.step} steps; checkpoints in {result.run / 'checkpoints'}")
     return 0
 
 

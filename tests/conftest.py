@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny generated speech corpus and a feature cache prepared from it.
+
+Session-scoped, so every test module that needs data pays for generating and preparing it once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from vqkit.config import Config, load_config
+
+TINY_SAMPLE_RATE = 8000
+TINY_SPEAKERS = ("alice", "bob", "carol")
+TINY_UTTERANCES = 4  # per speaker: 12 files in all
+
+
+def synth_utterance(rng: np.random.Generator, seconds: float, f0: float) -> np.ndarray:
+    """A voiced-speech-like signal: harmonics of a gliding f0 under a moving formant, plus noise."""
+    t = np.arange(int(seconds * TINY_SAMPLE_RATE)) / TINY_SAMPLE_RATE
+    pitch = f0 * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(1, 3) * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / TINY_SAMPLE_RATE
+    formant = rng.uniform(500, 1500) * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
+    wave = np.zeros_like(t)
+    for k in range(1, 12):
+        wave += np.exp(-(((k * pitch - formant) / 600) ** 2)) * np.sin(k * phase) / k
+    wave += 0.01 * rng.standard_normal(t.shape)
+    envelope = np.clip(np.sin(np.pi * t / t[-1]) * 3, 0, 1)
+    return (0.5 * wave * envelope / np.abs(wave).max()).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 'folder' corpus: ROOT/<speaker>/<speaker>_<i>.wav, 12 clips of 0.4-0.7 s at 8 kHz."""
+    root = tmp_path_factory.mktemp("tiny_speech")
+    rng = np.random.default_rng(0)
+    for s, speaker in enumerate(TINY_SPEAKERS):
+        (root / speaker).mkdir()
+        for i in range(TINY_UTTERANCES):
+            wave = synth_utterance(rng, rng.uniform(0.4, 0.7), f0=110.0 + 60 * s + 10 * i)
+            sf.write(
+                root / speaker / f"{speaker}_{i}.wav", wave, TINY_SAMPLE_RATE, subtype="PCM_16"
+            )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Config:
+    """The front end the tiny cache is made with: 8 kHz, 65-bin log-magnitude (n_fft 128)."""
+    return load_config(
+        None,
+        [
+            f"audio.sample_rate={TINY_SAMPLE_RATE}",
+            "features.kind='stft'",
+            "features.n_fft=128",
+            "features.hop_length=32",
+            "data.layout='folder'",
+            "data.val_fraction=0.25",
+            "data.test_fraction=0.25",
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(
+    tiny_speech_dir: Path, tiny_config: Config, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A feature cache prepared from ``tiny_speech_dir`` with ``tiny_config``."""
+    from vqkit.data import prepare
+
+    out = tmp_path_factory.mktemp("tiny_cache") / "cache"
+    summary = prepare(tiny_speech_dir, out, tiny_config, workers=1)
+    assert summary.n_ok == len(TINY_SPEAKERS) * TINY_UTTERANCES
+    return out

@@ -1,0 +1,218 @@
+"""The trainer: exact resumption, Ctrl-C, two-process DDP, the CLI end to end, and its parts."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from vqkit import train as train_module
+from vqkit.checkpoint import load_checkpoint
+from vqkit.cli import main
+from vqkit.config import Config, load_config
+from vqkit.data import FeatureCache
+from vqkit.distributed import batch_indices
+from vqkit.errors import VqkitError
+from vqkit.evaluation import code_stats
+from vqkit.runlog import read_metrics
+from vqkit.train import make_scheduler, train
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+TINY_MODEL = [
+    "model.hidden=32",
+    "model.latent_dim=16",
+    "model.n_res_blocks=1",
+    "model.downsample=2",
+    "train.batch_size=4",
+    "train.segment_frames=32",
+    "train.warmup_steps=2",
+    "train.lr=0.003",
+    "train.device='cpu'",
+    "train.threads=1",
+]
+TINY_RVQ = [
+    "bottleneck.kind='rvq'",
+    "bottleneck.n_codebooks=3",
+    "bottleneck.codebook_size=16",
+    "bottleneck.codebook_dim=8",
+    "bottleneck.quantizer_dropout=0.5",
+]
+
+
+def tiny_train_config(*overrides: str) -> Config:
+    return load_config(RECIPES / "speech_rvq.toml", [*TINY_MODEL, *TINY_RVQ, *overrides])
+
+
+def train_rows(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"}
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_train_config("train.steps=6", "train.log_every=1", "train.eval_every=4")
+    whole = train(config, data=tiny_cache, run=tmp_path / "whole")
+
+    calls = []
+    real_step = train_module.train_step
+
+    def interrupted_step(*args: object, **kwargs: object) -> dict:
+        calls.append(1)
+        row = real_step(*args, **kwargs)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # as if Ctrl-C arrived during step 3
+        return row
+
+    monkeypatch.setattr(train_module, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data=tiny_cache, run=tmp_path / "split")
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    last = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors")
+    assert last.meta["step"] == 3
+    with pytest.raises(VqkitError, match="already holds a checkpoint.*--resume"):
+        train(config, data=tiny_cache, run=tmp_path / "split")
+
+    resumed = train(config, data=tiny_cache, run=tmp_path / "split", resume=True)
+    assert resumed.step == whole.step == 6
+    expected = whole.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    rows_whole, rows_split = train_rows(tmp_path / "whole"), train_rows(tmp_path / "split")
+    assert sorted(rows_split) == list(range(1, 7))  # no step logged twice
+    for step in range(1, 7):
+        assert rows_split[step]["loss"] == rows_whole[step]["loss"], step
+    assert resumed.val == whole.val
+
+
+def test_cli_end_to_end(tiny_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    argv = ["train", str(RECIPES / "fsdd_vqvae.toml"), "--data", str(tiny_cache), "--run", str(run)]
+    tiny = [*TINY_MODEL, "bottleneck.codebook_size=32", "train.steps=6", "train.log_every=2"]
+    tiny += ["train.eval_every=3", "train.checkpoint_every=3"]
+    sets = [arg for value in tiny for arg in ("--set", value)]
+    assert main([*argv, *sets]) == 0
+
+    rows = read_metrics(run / "metrics.jsonl")
+    assert all(isinstance(r["step"], int) and r["split"] in ("train", "val", "test") for r in rows)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["step"] for r in val] == [3, 6]
+    for key in ("recon", "sd_db", "usage/0", "perplexity/0"):
+        assert all(math.isfinite(r[key]) for r in val), key
+    (test,) = [r for r in rows if r["split"] == "test"]
+    assert test["step"] == min(val, key=lambda r: r["recon"])["step"]
+    assert 0 < test["usage/0"] <= 1 and test["sd_db"] > 0
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    cache = FeatureCache(tiny_cache)
+    saved = json.loads((run / "config.json").read_text())
+    last = load_checkpoint(run / "checkpoints" / "last.safetensors")
+    best = load_checkpoint(run / "checkpoints" / "best.safetensors")
+    assert (
+        saved["features"] == json.loads(cache.root.joinpath("config.json").read_text())["features"]
+    )
+    assert last.config == best.config
+    assert saved["model"]["hidden"] == last.config.model.hidden == 32
+    assert last.meta["step"] == 6 and last.optimizer is not None and best.optimizer is None
+    assert torch.equal(last.tensors["norm.mean"], torch.from_numpy(cache.stats["mean"]))
+    capsys.readouterr()
+
+    assert main([*argv, *sets]) == 1
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main([*argv, *sets, "--set", "train.steps=8", "--resume"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.safetensors").meta["step"] == 8
+    assert main([*argv, *sets, "--set", "model.hidden=64", "--resume"]) == 1
+    assert "different config: model.hidden 32 -> 64" in capsys.readouterr().err
+
+
+def test_resume_needs_a_checkpoint(tiny_cache: Path, tmp_path: Path) -> None:
+    with pytest.raises(VqkitError, match="cannot resume.*last.safetensors does not exist"):
+        train(tiny_train_config("train.steps=1"), data=tiny_cache, run=tmp_path, resume=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank: int, port: int, cache: Path, out: Path) -> None:
+    """One torchrun-like process: the variables torchrun sets, then train; dump the replica."""
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    os.environ["WORLD_SIZE"] = "2"
+    config = tiny_train_config("train.steps=40", "train.log_every=1", "train.recon_loss='mse'")
+    result = train(config, data=cache, run=out / "run")
+    state = {k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}
+    save_file(state, str(out / f"rank{rank}.safetensors"))
+
+
+def test_two_process_ddp_keeps_replicas_identical(tiny_cache: Path, tmp_path: Path) -> None:
+    mp.spawn(ddp_worker, args=(free_port(), tiny_cache, tmp_path), nprocs=2, join=True)
+    rank0 = load_file(str(tmp_path / "rank0.safetensors"))
+    rank1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys()
+    codebooks = [k for k in rank0 if "codebook" in k]
+    assert codebooks
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    rows = train_rows(tmp_path / "run")
+    assert sorted(rows) == list(range(1, 41))  # rank 0 alone writes
+    first = sum(rows[s]["recon"] for s in range(1, 6)) / 5
+    last = sum(rows[s]["recon"] for s in range(31, 41)) / 10
+    assert last < 0.9 * first
+    assert (
+        load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors").meta["world_size"]
+        == 2
+    )
+
+
+def test_batch_indices_shard_each_epoch_without_overlap() -> None:
+    n_items, batch_size = 23, 4
+    per_epoch = (n_items // 2) // batch_size  # 2 steps per epoch on each of 2 ranks
+    for epoch in range(3):
+        steps = range(epoch * per_epoch, (epoch + 1) * per_epoch)
+        seen = [
+            [i for step in steps for i in batch_indices(step, n_items, batch_size, 7, rank, 2)]
+            for rank in (0, 1)
+        ]
+        assert len(set(seen[0])) == len(seen[0]) == 8 and len(set(seen[1])) == 8
+        assert not set(seen[0]) & set(seen[1])
+    assert batch_indices(5, n_items, batch_size, 7) == batch_indices(5, n_items, batch_size, 7)
+    assert batch_indices(0, n_items, batch_size, 7) != batch_indices(5, n_items, batch_size, 7)
+    small = batch_indices(0, 3, 8, 0)  # a shard smaller than a batch wraps around
+    assert len(small) == 8 and set(small) == {0, 1, 2}
+    with pytest.raises(VqkitError, match="cannot be shared among 4 processes"):
+        batch_indices(0, 3, 8, 0, rank=0, world_size=4)
+
+
+def test_schedule_warms_up_then_decays_to_zero() -> None:
+    config = load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.lr=0.01"])
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = make_scheduler(optimizer, config)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=True))
+    assert all(a >= b for a, b in zip(lrs[9:-1], lrs[10:], strict=True))
+    assert lrs[55] == pytest.approx(0.005) and lrs[-1] < 1e-4
+
+
+def test_code_stats() -> None:
+    counts = torch.tensor([[5, 5, 0, 0], [1, 1, 1, 1]])
+    stats = code_stats(counts)
+    assert stats["usage/0"] == 0.5 and stats["perplexity/0"] == pytest.approx(2.0)
+    assert stats["usage/1"] == 1.0 and stats["perplexity/1"] == pytest.approx(4.0)

@@ -210,7 +210,9 @@ class RateKFrontend(Frontend):
 
 
 def make_frontend(features: FeatureConfig, sample_rate: int) -> Frontend:
-    """The front end that ``features`` describes, at ``sample_rate``."""
+    """The front end that ``features`` describes, at ``sample_rate``. ``win_length`` 0 means
+    ``n_fft``; for mel, ``fmax`` 0 means ``sample_rate / 2``; for ratek, ``fmin`` and ``fmax`` 0
+    mean Codec 2's 200 and 3700 Hz."""
     if features.kind not in KINDS:
         raise VqkitError(
             f"features.kind={features.kind!r} has no audio front end; use one of {', '.join(KINDS)}"

@@ -36,7 +36,7 @@ from vqkit.synthesis import make_synthesiser, synthesise_chunked
 BLOCK_FRAMES = 65536  # audio samples read (and resampled) at a time
 PROBE_FRAMES = 256  # first input length for measuring a network's receptive field
 MAX_PROBE_FRAMES = 16384
-MAX_GAIN_DB = 60  # the level normalisation never scales by more than this
+MAX_LEVEL_GAIN_DB = 60  # the level normalisation never scales by more than this
 
 
 class Codec:
@@ -75,7 +75,7 @@ class Codec:
         fitting = [q for q, rate in enumerate(self.bitrates, 1) if rate <= bitrate * (1 + 1e-9)]
         if not fitting:
             raise VqkitError(
-                f"--bitrate {bitrate:g} kbit/s is below this model's lowest, "
+                f"bitrate {bitrate:g} kbit/s is below this model's lowest, "
                 f"{self.bitrates[0]:.3f} kbit/s (1 stage)"
             )
         return fitting[-1]
@@ -91,7 +91,8 @@ class Codec:
     def encode(
         self, wave: np.ndarray, sample_rate: int, bitrate: float | None = None
     ) -> EncodedAudio:
-        """Encode mono ``wave`` ``(T,)`` at ``sample_rate`` with the stages ``bitrate`` allows."""
+        """Encode mono ``wave`` ``(T,)`` at ``sample_rate`` with the most stages whose bitrate
+        is at most ``bitrate`` kbit/s (all when None)."""
         wave = np.asarray(wave, dtype=np.float32)
         if wave.ndim != 1 or wave.size == 0:
             raise VqkitError(f"expected a non-empty mono waveform (T,), got {wave.shape}")
@@ -165,7 +166,7 @@ class Codec:
             energy += float(np.dot(block.astype(np.float64), block))
             count += len(block)
         level = 10 * math.log10(max(energy / max(count, 1), 1e-12))
-        return int(np.clip(round(target - level), -MAX_GAIN_DB, MAX_GAIN_DB))
+        return int(np.clip(round(target - level), -MAX_LEVEL_GAIN_DB, MAX_LEVEL_GAIN_DB))
 
     def _encode_stream(self, waves: Iterator[np.ndarray], n_stages: int) -> tuple[np.ndarray, int]:
         """Codes ``(Q, N')`` of a model-rate sample stream, chunk by chunk; and its length."""

@@ -86,6 +86,9 @@ def test_downsample_sets_the_code_rate() -> None:
         assert model.encode(torch.randn(1, 5, 13)).shape == (1, 1, frames)
     image_model = build_model(tiny_config("conv2d", "fsq"), (1, 28, 28))
     assert image_model.encode(torch.randn(2, 1, 28, 28)).shape == (2, 1, 7, 7)
+    assert image_model.latent_shape(28) == image_model.latent_shape((28, 28)) == (8, 7, 7)
+    spectrogram_model = build_model(tiny_config("conv2d", "vq"), (80,))
+    assert spectrogram_model.latent_shape(13) == (8, 20, 4)  # F = 80 bins, 13 frames
 
 
 @pytest.mark.parametrize("ema", [False, True])

@@ -317,8 +317,10 @@ class Autoencoder(nn.Module):
 
     def latent_shape(self, size: int | Sequence[int]) -> tuple[int, ...]:
         """``(D, *S')``: the latent shape for an input of ``size`` frames (or ``(H, W)``)."""
-        size = (size,) if isinstance(size, int) else tuple(size)
-        return (self.bottleneck.latent_dim, *self.encoder.latent_size(size))
+        full = self._crop_size(size)
+        if None in full:
+            raise ValueError(f"this model needs the input size (H, W), got {size}")
+        return (self.bottleneck.latent_dim, *self.encoder.latent_size(full))
 
     def sample_latent(
         self, shape: Sequence[int], generator: torch.Generator | None = None

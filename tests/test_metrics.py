@@ -103,6 +103,11 @@ def test_failures_are_recorded_not_numbers(clip):
     silence = np.zeros(RATE, dtype=np.float32)
     failed = metrics.try_metric(metrics.pesq_wb, silence, silence, RATE)
     assert metrics.is_failed(failed) and "silent" in failed["error"]
+    for fn in (metrics.stoi, metrics.pesq_nb, metrics.si_sdr):
+        args = (silence, clip[:RATE]) if fn is metrics.si_sdr else (silence, clip[:RATE], RATE)
+        assert metrics.try_metric(fn, *args) == {"error": "reference is silent"}
+    lsd = metrics.try_metric(metrics.log_spectral_distance_db, silence, clip[:RATE])
+    assert lsd == {"error": "reference is silent"}
     too_short = metrics.try_metric(metrics.stoi, clip[:2000], clip[:2000], RATE)
     assert metrics.is_failed(too_short) and "STOI" in too_short["error"]
     # PESQ's own errors come back with their message (bytes in pesq, decoded here).
@@ -126,3 +131,14 @@ def test_codebook_usage_and_perplexity():
     assert np.allclose(metrics.codebook_usage(codes[None], k), [1.0, 1 / k])
     with pytest.raises(ValueError, match="outside 0..7"):
         metrics.codebook_usage(codes + 1, k)
+
+
+def test_spectral_distances_at_once_equal_the_single_metrics(clip):
+    y = noisy(clip, 10)
+    together = metrics.spectral_distances(clip, y, RATE)
+    assert together["mel_db"] == pytest.approx(metrics.mel_distance_db(clip, y, RATE))
+    for kind in ("mel", "ratek"):
+        single = metrics.feature_distortion_db2(clip, y, RATE, kind=kind)
+        assert together[f"sd_{kind}_db2"] == pytest.approx(single)
+    failed = metrics.spectral_distances(clip, y[:-1], RATE)
+    assert all(metrics.is_failed(v) and "same shape" in v["error"] for v in failed.values())

@@ -79,23 +79,40 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_bench(results: dict, out: Path) -> None:
+    from vqkit.bench import format_table
+
+    print(format_table(results["summary"]))
+    for skip in results["skipped"]:
+        print(f"skipped {skip['system']}: {skip['reason']}")
+    print(f"results: {out / 'results.json'} (and results.csv, clips.csv)")
+    print(f"report: {out / results['report']}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from vqkit.bench import run_bench
 
-    run_bench(
+    try:
+        bitrates = [float(b) for b in _csv(args.bitrates)] if args.bitrates else None
+    except ValueError:
+        message = f"--bitrates expects comma-separated kbit/s, got '{args.bitrates}'"
+        raise VqkitError(message) from None
+    results = run_bench(
         args.audio_dir,
         args.out,
         model=args.model,
-        bitrates=[float(b) for b in _csv(args.bitrates)] if args.bitrates else None,
+        bitrates=bitrates,
         baselines=_csv(args.baselines),
+        threads=args.threads,
     )
+    _print_bench(results, args.out)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from vqkit.bench import demo
 
-    demo(args.out)
+    _print_bench(demo(args.out), args.out)
     return 0
 
 
@@ -152,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bitrates", help="comma-separated kbit/s for the model (default: all)")
     p.add_argument(
         "--baselines", default="codec2,opus,oracle", help="comma-separated: codec2,opus,oracle"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1, as the tools use)"
     )
 
     p = verb("demo", cmd_demo, "run the shipped model and the baselines on the bundled sample")

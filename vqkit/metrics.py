@@ -99,6 +99,8 @@ def stoi(x: np.ndarray, x_hat: np.ndarray, sample_rate: int) -> float:
     from pystoi import stoi as _stoi
 
     x, x_hat = _check_pair(x, x_hat)
+    if not np.any(x):
+        raise ValueError("reference is silent")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         score = float(_stoi(x, x_hat, sample_rate, extended=False))
@@ -123,6 +125,8 @@ def log_spectral_distance_db(
     difference, then the mean over frames. Both spectra are floored 80 dB below the reference's
     loudest bin, so silent stretches and empty bands count as a bounded error."""
     x, x_hat = _check_pair(x, x_hat)
+    if not np.any(x):
+        raise ValueError("reference is silent")
     if x.shape[0] < n_fft // 2 + 1:
         raise ValueError(f"signal of {x.shape[0]} samples is shorter than n_fft/2 = {n_fft // 2}")
     p, p_hat = _power_db(x, n_fft, hop_length), _power_db(x_hat, n_fft, hop_length)
@@ -162,6 +166,22 @@ def mel_distance_db(x: np.ndarray, x_hat: np.ndarray, sample_rate: int) -> float
     return float((feats[0] - feats[1]).abs().mean())
 
 
+def spectral_distances(x: np.ndarray, x_hat: np.ndarray, sample_rate: int) -> dict[str, Score]:
+    """``mel_db`` (:func:`mel_distance_db`), ``sd_mel_db2`` and ``sd_ratek_db2``
+    (:func:`feature_distortion_db2`) at once, running each front end once; failures recorded."""
+    try:
+        mel = _features_db(x, x_hat, "mel", sample_rate)
+        ratek = _features_db(x, x_hat, "ratek", sample_rate)
+    except (ValueError, RuntimeError) as e:
+        failed = {"error": str(e) or type(e).__name__}
+        return {"mel_db": failed, "sd_mel_db2": failed, "sd_ratek_db2": failed}
+    return {
+        "mel_db": float((mel[0] - mel[1]).abs().mean()),
+        "sd_mel_db2": float(spectral_distortion_db2(mel[:1], mel[1:])[0]),
+        "sd_ratek_db2": float(spectral_distortion_db2(ratek[:1], ratek[1:])[0]),
+    }
+
+
 def si_sdr(x: np.ndarray, x_hat: np.ndarray) -> float:
     """Scale-invariant signal-to-distortion ratio in dB (means removed)."""
     x, x_hat = _check_pair(x, x_hat)
@@ -180,7 +200,7 @@ def mse(x: np.ndarray, x_hat: np.ndarray) -> float:
     return float(np.mean((x - x_hat) ** 2))
 
 
-def _stage_counts(codes: np.ndarray | Sequence[np.ndarray], codebook_size: int) -> np.ndarray:
+def code_counts(codes: np.ndarray | Sequence[np.ndarray], codebook_size: int) -> np.ndarray:
     """Per-stage code counts, shape (Q, codebook_size), from arrays shaped (Q, N) or (B, Q, N)."""
     arrays = [np.asarray(codes)] if isinstance(codes, np.ndarray) else list(map(np.asarray, codes))
     arrays = [a[None] if a.ndim == 2 else a for a in arrays]
@@ -194,13 +214,13 @@ def _stage_counts(codes: np.ndarray | Sequence[np.ndarray], codebook_size: int) 
 
 def codebook_usage(codes: np.ndarray | Sequence[np.ndarray], codebook_size: int) -> np.ndarray:
     """Fraction of each stage's codebook used at least once, shape (Q,)."""
-    return (_stage_counts(codes, codebook_size) > 0).mean(axis=1)
+    return (code_counts(codes, codebook_size) > 0).mean(axis=1)
 
 
 def codebook_perplexity(codes: np.ndarray | Sequence[np.ndarray], codebook_size: int) -> np.ndarray:
     """Perplexity (exp of the entropy of code frequencies) of each stage, shape (Q,); equals
     ``codebook_size`` when every code is used equally often and 1 when one code is used."""
-    counts = _stage_counts(codes, codebook_size).astype(np.float64)
+    counts = code_counts(codes, codebook_size).astype(np.float64)
     p = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
     entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
     return np.exp(entropy)

@@ -1,0 +1,258 @@
+"""``vqkit bench`` end to end on tiny clips with a tiny random-weight model, its files, the report
+in headless Chromium, and ``vqkit demo``'s wiring."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_metrics import speechlike
+
+from vqkit import bench
+from vqkit.baselines import CODEC2_MODES, OPUS_KBPS
+from vqkit.checkpoint import save_checkpoint
+from vqkit.cli import main
+from vqkit.config import load_config
+from vqkit.model import build_model
+
+RATE = 16000
+N_BINS = 129  # n_fft 256
+HAVE_CODEC2 = bool(shutil.which("c2enc") and shutil.which("c2dec"))
+HAVE_OPUS = bool(shutil.which("opusenc") and shutil.which("opusdec"))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight 2-stage residual-VQ codec of 16 codes on 129-bin log-magnitudes."""
+    config = load_config(
+        None,
+        [
+            "features.n_fft=256",
+            "features.hop_length=64",
+            "model.hidden=16",
+            "model.latent_dim=8",
+            "model.n_res_blocks=1",
+            "bottleneck.kind='rvq'",
+            "bottleneck.n_codebooks=2",
+            "bottleneck.codebook_size=16",
+            "bottleneck.kmeans_init=false",
+            "codec.gl_iters=4",
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_model(config, (N_BINS,))
+    curves = [{"step": s, "split": "train", "recon": 1.0 / s} for s in range(1, 6)]
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_checkpoint(
+        path,
+        model,
+        config,
+        tensors={
+            "norm.mean": torch.full((N_BINS,), -40.0),
+            "norm.std": torch.full((N_BINS,), 20.0),
+        },
+        meta={"step": 5, "in_shape": [N_BINS], "curves": curves},
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two speech-like clips: WAV at 16 kHz and FLAC at 22.05 kHz, beside a file to ignore."""
+    root = tmp_path_factory.mktemp("clips")
+    sf.write(root / "one.wav", speechlike(11, 1.2), RATE)
+    sf.write(root / "two words.flac", speechlike(12, 1.0, 22050), 22050)
+    (root / "notes.txt").write_text("not audio")
+    return root
+
+
+@pytest.fixture(scope="module")
+def silent_run(tiny_model: Path, clips: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The model alone at 0.5 kbit/s, on the clips plus 0.5 s of digital silence, with the tools
+    taken off PATH; returns (out folder, results)."""
+    root = tmp_path_factory.mktemp("silent")
+    shutil.copytree(clips, root / "clips")
+    sf.write(root / "clips" / "silence.wav", np.zeros(RATE // 2, np.float32), RATE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", str(root))  # no c2enc, no opusenc
+        results = bench.run_bench(
+            root / "clips",
+            root / "out",
+            model=tiny_model,
+            bitrates=[0.6],
+            baselines=["codec2", "opus"],
+            progress=False,
+        )
+    return root / "out", results
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_model: Path, clips: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One CLI bench run with every baseline; returns (out folder, results, printed text)."""
+    out = tmp_path_factory.mktemp("bench") / "out"
+    argv = ["bench", str(clips), "--out", str(out), "--model", str(tiny_model)]
+    printed = _run_cli([*argv, "--baselines", "codec2,opus,oracle"])
+    return out, json.loads((out / "results.json").read_text()), printed
+
+
+def _run_cli(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(argv) == 0
+    return buffer.getvalue()
+
+
+def expected_systems() -> list[str]:
+    names = ["vqkit-0.25k", "vqkit-0.50k"]
+    names += [f"codec2-{m}" for m in CODEC2_MODES] if HAVE_CODEC2 else []
+    names += [f"opus-{k:g}k" for k in OPUS_KBPS] if HAVE_OPUS else []
+    return [*names, "oracle-griffinlim"]
+
+
+def test_bench_runs_every_system_on_every_clip(bench_run):
+    out, results, printed = bench_run
+    systems = [row["system"] for row in results["summary"]]
+    assert systems == expected_systems()
+    assert len(results["clips"]) == len(systems) * 2
+    for row in results["clips"]:
+        assert (out / row["audio"]).is_file()
+        assert row["rtf_encode"] > 0 and row["rtf_decode"] > 0
+    for name in systems:
+        assert name in printed
+    assert f"report: {out / 'report.html'}" in printed
+
+
+def test_bitrates_are_measured_from_the_bytes(bench_run):
+    _, results, _ = bench_run
+    summary = {row["system"]: row for row in results["summary"]}
+    # 16 kHz / hop 64 / 4 = 62.5 code frames/s x 4 bits = 0.25 kbit/s a stage (bytes rounded up).
+    assert summary["vqkit-0.50k"]["kbps"] == pytest.approx(0.5, rel=0.1)
+    assert summary["vqkit-0.50k"]["kbps_file"] > summary["vqkit-0.50k"]["kbps"]  # the header
+    assert summary["oracle-griffinlim"]["kbps"] is None
+    if HAVE_CODEC2:
+        assert summary["codec2-3200"]["kbps"] == pytest.approx(3.2, rel=0.05)
+        assert 100 < results["delays"]["codec2-3200"] < 400
+    if HAVE_OPUS:
+        assert summary["opus-12k"]["kbps_file"] > summary["opus-12k"]["kbps"]
+
+
+def test_failed_metrics_are_recorded_and_counted(silent_run):
+    out, results = silent_run
+    silent = next(r for r in results["clips"] if r["clip"] == "silence")
+    assert silent["pesq_wb"] == {"error": "reference is silent"}
+    assert isinstance(next(r for r in results["clips"] if r["clip"] == "one")["stoi"], float)
+    (row,) = results["summary"]
+    assert row["pesq_wb_failed"] == 1 and isinstance(row["pesq_wb"], float)
+    assert row["pesq_wb_std"] >= 0 and "stoi_failed" in row
+    with open(out / "results.csv", newline="") as f:
+        (table,) = list(csv.DictReader(f))
+    assert table["system"] == "vqkit-0.50k" and float(table["pesq_wb"]) == row["pesq_wb"]
+    with open(out / "clips.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    silent_row = next(r for r in rows if r["clip"] == "silence")
+    assert silent_row["pesq_wb"] == "" and "pesq_wb: reference is silent" in silent_row["errors"]
+
+
+def test_missing_tools_are_reported_not_fatal(silent_run):
+    out, results = silent_run
+    assert [r["system"] for r in results["summary"]] == ["vqkit-0.50k"]  # most stages in 0.6
+    assert {s["system"] for s in results["skipped"]} == {"codec2", "opus"}
+    assert results["tools"]["c2enc"] is None
+    page = (out / "report.html").read_text()
+    assert "Skipped codec2: c2enc, c2dec not found on PATH" in page
+
+
+def test_codebook_usage_covers_every_stage(bench_run):
+    _, results, _ = bench_run
+    codebook = results["codebook"]
+    assert codebook["codebook_size"] == 16 and len(codebook["usage"]) == 2
+    assert all(0 < u <= 1 for u in codebook["usage"])
+    assert all(sum(c) > 0 for c in codebook["counts"])
+
+
+def test_report_is_a_self_contained_folder(bench_run):
+    out, _, _ = bench_run
+    page = (out / "report.html").read_text()
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    local = [s for s in sources if not s.startswith("data:")]
+    assert any(s.endswith("quality.png") for s in local)
+    assert any(s.endswith("training.png") for s in local)  # curves from the checkpoint meta
+    assert sum(s.endswith(".wav") for s in local) == 2 * (len(expected_systems()) + 1)
+    for source in local:
+        assert not re.match(r"^[a-z]+://|^/", source), source
+        assert (out / source).is_file(), source
+    assert "upsampled to 16000 Hz" in page
+
+
+def _chromium(page: Path, shot: Path, profile: Path) -> list[str]:
+    """Load ``page`` headless, screenshot it and return its console messages."""
+    argv = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=5000",
+        f"--screenshot={shot}",
+        "--window-size=1200,2000",
+        page.resolve().as_uri(),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: apt-get install chromium")
+def test_report_loads_in_chromium_without_errors(bench_run, tmp_path):
+    out, _, _ = bench_run
+    shot = out / "report.png"
+    assert _chromium(out / "report.html", shot, tmp_path / "profile") == []
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    # The same check catches a broken audio source: a copy of the report with one file removed.
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "audio" / "one--original.wav").unlink()
+    console = _chromium(broken / "report.html", tmp_path / "b.png", tmp_path / "profile2")
+    assert any("failed to load" in line and "one--original.wav" in line for line in console)
+
+
+def test_bench_errors_are_one_line(tiny_model, clips, tmp_path, capsys):
+    argv = ["bench", str(clips), "--out", str(tmp_path), "--model", str(tiny_model)]
+    assert main([*argv, "--bitrates", "0.1"]) == 1
+    assert "below this model's lowest" in capsys.readouterr().err
+    assert main([*argv, "--baselines", "opsu"]) == 1
+    assert "did you mean 'opus'" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "none"), "--out", str(tmp_path)]) == 1
+    assert "is not a folder of audio clips" in capsys.readouterr().err
+
+
+def test_demo_benches_the_shipped_model_on_the_bundled_sample(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run_bench(audio_dir, out, **kwargs):
+        seen.update(audio_dir=Path(audio_dir), out=out, **kwargs)
+        return {"summary": [], "skipped": [], "report": "report.html"}
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    bench.demo(tmp_path)
+    assert seen["model"] == "default" and seen["out"] == tmp_path
+    clips = bench.list_clips(seen["audio_dir"])
+    assert len(clips) >= 2 and all(sf.info(str(c)).samplerate == RATE for c in clips)

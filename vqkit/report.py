@@ -41,6 +41,8 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 img { max-width: 100%; }
 audio { width: 220px; height: 32px; }
+.clip { display: flex; gap: 1em; align-items: flex-start; }
+.clip img { flex: 1; min-width: 0; }
 .note { color: #555; max-width: 70em; }
 """
 # Turns a broken image or audio source into a console error, so a headless browser check sees it.
@@ -137,8 +139,8 @@ def plot_codebook(codebook: dict[str, Any], path: Path) -> None:
     figure = _figure(14, 2.2 * n_rows + 0.3)
     for q, row in enumerate(counts):
         axes = figure.add_subplot(n_rows, n_cols, q + 1)
-        ranked = np.sort(row)[::-1]
-        axes.bar(np.arange(ranked.size), ranked, width=1.0)
+        ranked = np.sort(row)[::-1]  # a rank-frequency curve: flat when codes are used evenly
+        axes.fill_between(np.arange(ranked.size), ranked, step="post", linewidth=0.8)
         usage, perplexity = codebook["usage"][q], codebook["perplexity"][q]
         axes.set_title(
             f"stage {q + 1}: {100 * usage:.0f}% used, perplexity {perplexity:.0f}", fontsize=9
@@ -211,8 +213,8 @@ def _clip_section(out: Path, clip: str, results: dict[str, Any]) -> str:
     image = f"plots/spectrogram--{clip}.png"
     plot_spectrograms(waves, rate, out / image)
     return (
-        f"<h3>{html.escape(clip)}</h3>{_players(clip, rows)}"
-        f'<img src="{html.escape(image)}" alt="spectrograms of {html.escape(clip)}">'
+        f'<h3>{html.escape(clip)}</h3><div class="clip">{_players(clip, rows)}'
+        f'<img src="{html.escape(image)}" alt="spectrograms of {html.escape(clip)}"></div>'
     )
 
 

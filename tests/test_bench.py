@@ -77,9 +77,18 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def silent_run(tiny_model: Path, clips: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The model alone at 0.5 kbit/s, on the clips plus 0.5 s of digital silence, with the tools
-    taken off PATH; returns (out folder, results)."""
+    """The model, given as a run folder, alone at 0.5 kbit/s on the clips plus 0.5 s of digital
+    silence, with the tools taken off PATH; returns (out folder, results)."""
     root = tmp_path_factory.mktemp("silent")
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(tiny_model, run / "checkpoints" / "best.safetensors")
+    rows = [
+        {"step": s, "split": split, "recon": 2.0 / s}
+        for s in (10, 20)
+        for split in ("train", "val")
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     shutil.copytree(clips, root / "clips")
     sf.write(root / "clips" / "silence.wav", np.zeros(RATE // 2, np.float32), RATE)
     with pytest.MonkeyPatch.context() as patch:
@@ -87,7 +96,7 @@ def silent_run(tiny_model: Path, clips: Path, tmp_path_factory: pytest.TempPathF
         results = bench.run_bench(
             root / "clips",
             root / "out",
-            model=tiny_model,
+            model=run,
             bitrates=[0.6],
             baselines=["codec2", "opus"],
             progress=False,
@@ -172,6 +181,9 @@ def test_missing_tools_are_reported_not_fatal(silent_run):
     assert results["tools"]["c2enc"] is None
     page = (out / "report.html").read_text()
     assert "Skipped codec2: c2enc, c2dec not found on PATH" in page
+    # The model is a run: the report plots its metrics.jsonl.
+    assert results["model"]["run"] == str(out.parent / "run")
+    assert '<img src="plots/training.png"' in page and (out / "plots" / "training.png").is_file()
 
 
 def test_codebook_usage_covers_every_stage(bench_run):

@@ -11,6 +11,7 @@ bytes each system wrote: ``kbps`` from the codec payload (container and file hea
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import platform
@@ -44,13 +45,15 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 NB_RATE = 8000
 SUMMARY_KEYS = ("kbps", "kbps_file", "pesq_nb", "pesq_wb", "stoi", "lsd_db", "rtf_encode")
 SUMMARY_KEYS += ("rtf_decode", "mel_db", "sd_mel_db2", "sd_ratek_db2", "si_sdr_db")
+METRIC_KEYS = (*SUMMARY_KEYS, "mse")  # every key a clip row scores
 TABLE_KEYS = ("kbps", "pesq_nb", "pesq_wb", "stoi", "lsd_db", "rtf_encode", "rtf_decode")
 SCORING = (
     "Reference: each clip at {rate} Hz. Narrow-band systems ({nb}) are scored with PESQ-NB and "
-    "STOI at 8 kHz and with PESQ-WB on their output upsampled to {rate} Hz; the others with "
-    "PESQ-NB on their output downsampled to 8 kHz and STOI, PESQ-WB and the spectral distances "
-    "at {rate} Hz. kbps counts the codec payload (Ogg pages and file headers excluded), "
-    "kbps_file the whole file. Real-time factors are seconds per second of audio."
+    "STOI at 8 kHz, and with PESQ-WB and the spectral distances on their output upsampled to "
+    "{rate} Hz (so their empty upper band counts); the others with PESQ-NB on their output "
+    "downsampled to 8 kHz and everything else at {rate} Hz. kbps counts the codec payload (Ogg "
+    "pages and file headers excluded), kbps_file the whole file. Real-time factors are seconds "
+    "per second of audio, torch on {threads} thread(s)."
 )
 
 
@@ -73,12 +76,11 @@ def score(ref: np.ndarray, rate: int, output: Output, narrowband: bool) -> dict[
     deg_nb = output.wave if output.sample_rate == NB_RATE else resample(deg, rate, NB_RATE)
     deg_nb = fix_length(deg_nb, ref_nb.shape[0])
     t = metrics.try_metric
+    stoi_args = (ref_nb, deg_nb, NB_RATE) if narrowband else (ref, deg, rate)
     return {
         "pesq_nb": t(metrics.pesq_nb, ref_nb, deg_nb, NB_RATE),
         "pesq_wb": t(metrics.pesq_wb, ref, deg, rate),
-        "stoi": t(metrics.stoi, ref_nb, deg_nb, NB_RATE)
-        if narrowband
-        else t(metrics.stoi, ref, deg, rate),
+        "stoi": t(metrics.stoi, *stoi_args),
         "lsd_db": t(metrics.log_spectral_distance_db, ref, deg),
         **metrics.spectral_distances(ref, deg, rate),
         "si_sdr_db": t(metrics.si_sdr, ref, deg),
@@ -104,7 +106,7 @@ def _run_clips(
     refs = [resample(wave, rate, out_rate) for (_, wave), _ in done]
     lag = find_delay(refs, [o.wave for _, o in done], out_rate, CODEC2_MAX_LAG)
     aligned = [
-        Output(**{**vars(o), "wave": shift(o.wave, lag, o.wave.shape[0])})
+        dataclasses.replace(o, wave=shift(o.wave, lag, o.wave.shape[0]))
         if isinstance(o, Output)
         else o
         for o in outputs
@@ -120,7 +122,7 @@ def _clip_row(
     row["duration_s"] = seconds
     if isinstance(out, str):
         failed = {"error": out}
-        return {**row, "error": out, **{k: failed for k in SUMMARY_KEYS}, "audio": None}
+        return {**row, "error": out, **dict.fromkeys(METRIC_KEYS, failed), "audio": None}
 
     def kbps(n_bytes: int | None) -> float | None:
         return None if n_bytes is None else n_bytes * 8 / seconds / 1000
@@ -246,6 +248,7 @@ def _bench(
     if systems:
         systems[0].warm_up(rate)
     extra, skipped = make_baselines(list(baselines), codec)
+    narrowband = ", ".join(dict.fromkeys(s.family for s in extra if s.narrowband)) or "none"
     rows, delays, outputs = _run_all([*systems, *extra], clips, rate, out, progress)
     top = max(systems, key=lambda s: s.kbps, default=None)
     codes = [o.codes for o in outputs.get(top.name if top else "", []) if isinstance(o, Output)]
@@ -254,7 +257,7 @@ def _bench(
         "version": 1,
         "audio_dir": str(audio_dir.resolve()),
         "sample_rate": rate,
-        "scoring": SCORING.format(rate=rate, nb="Codec 2"),
+        "scoring": SCORING.format(rate=rate, nb=narrowband, threads=torch.get_num_threads()),
         "model": _model_info(codec, model),
         "tools": {t: shutil.which(t) for t in ("c2enc", "c2dec", "opusenc", "opusdec")},
         "skipped": skipped,

@@ -1,4 +1,5 @@
-"""vqkit: discrete (VQ, residual VQ, FSQ) and continuous (AE, VAE) latent codes of speech and images."""
+"""vqkit: discrete (VQ, residual VQ, FSQ) and continuous (AE, VAE) latent codes of speech and
+images, and a low-bitrate speech codec built on them."""
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""The ``vqkit`` command. The only module that reads ``sys.argv``; every verb calls the Python API."""
+"""The ``vqkit`` command, the only module that reads ``sys.argv``: each verb calls the API."""
 
 from __future__ import annotations
 
@@ -146,7 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("train", cmd_train, "train a model on a feature cache")
     p.add_argument("config", type=Path, help="TOML recipe")
     p.add_argument("--data", type=Path, required=True, help="feature cache from vqkit prepare")
-    p.add_argument("--run", type=Path, required=True, help="run folder (checkpoints, metrics)")
+    # --run-dir: torchrun's own parser reads a later --run as an abbreviation of its --run-path
+    p.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        type=Path,
+        required=True,
+        help="run folder (checkpoints, metrics); write --run-dir under torchrun",
+    )
     p.add_argument("--resume", action="store_true", help="continue from RUN's last checkpoint")
     _add_config_args(p)
 
@@ -196,5 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line unless --debug asks for the traceback
         if args.debug:
             raise
-        print(f"vqkit: internal error: {type(e).__name__}: {e} (rerun with --debug)", file=sys.stderr)
+        message = f"vqkit: internal error: {type(e).__name__}: {e} (rerun with --debug)"
+        print(message, file=sys.stderr)
         return 1

@@ -1,8 +1,8 @@
-"""Typed configuration: frozen dataclasses loaded from TOML and overridden by ``section.key=value``.
+"""Typed configuration: frozen dataclasses loaded from TOML, overridden by ``section.key=value``.
 
 One word per concept: the TOML key, the ``--set`` flag, the constructor argument and the code-file
-header all use the same name. Unknown keys and wrong types raise :class:`VqkitError` with the nearest
-valid name, so a typo never silently falls back to a default.
+header all use the same name. Unknown keys and wrong types raise :class:`VqkitError` naming the
+nearest valid key, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class AudioConfig:
 class FeatureConfig:
     """The spectral front end (see :mod:`vqkit.features`)."""
 
-    kind: str = "stft"  # stft (log-magnitude dB) | mel (log-mel dB) | ratek (Codec 2 rate-K) | image
+    # stft (log-magnitude dB) | mel (log-mel dB) | ratek (Codec 2 rate-K) | image
+    kind: str = "stft"
     n_fft: int = 512
     hop_length: int = 128
     win_length: int = 0  # 0 means n_fft
@@ -236,4 +237,3 @@ def replace(config: Config, **sections: dict[str, Any]) -> Config:
     for name, changes in sections.items():
         values[name] = {**values[name], **changes}
     return config_from_dict(values)
-

@@ -1,0 +1,41 @@
+"""Turn a training run into a model the package can ship (e.g. vqkit/assets/default.safetensors).
+
+Keeps the best checkpoint's weights, config and normaliser, drops the optimizer state, and keeps the
+run's training curves (the `recon` and `sd_db` columns of metrics.jsonl) in the checkpoint's meta so
+`vqkit bench` can plot them without the run folder.
+Usage: python scripts/ship_model.py RUN OUT.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vqkit.checkpoint import load_checkpoint, resolve_model, save_checkpoint
+from vqkit.runlog import read_metrics
+
+CURVE_KEYS = ("step", "split", "recon", "loss", "sd_db")
+
+
+def ship(run: Path, out: Path) -> str:
+    checkpoint = load_checkpoint(resolve_model(run))
+    curves = [
+        {k: row[k] for k in CURVE_KEYS if k in row} for row in read_metrics(run / "metrics.jsonl")
+    ]
+    meta = {**checkpoint.meta, "curves": curves, "run": run.name}
+    save_checkpoint(out, checkpoint.model, checkpoint.config, tensors=checkpoint.tensors, meta=meta)
+    return load_checkpoint(out).model_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    model_id = ship(args.run, args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, model id {model_id})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

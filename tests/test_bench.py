@@ -7,13 +7,13 @@ import csv
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from browser import needs_chromium, screenshot
 from test_metrics import speechlike
 
 from vqkit import bench
@@ -27,7 +27,6 @@ RATE = 16000
 N_BINS = 129  # n_fft 256
 HAVE_CODEC2 = bool(shutil.which("c2enc") and shutil.which("c2dec"))
 HAVE_OPUS = bool(shutil.which("opusenc") and shutil.which("opusdec"))
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
@@ -208,41 +207,17 @@ def test_report_is_a_self_contained_folder(bench_run):
     assert "upsampled to 16000 Hz" in page
 
 
-def _chromium(page: Path, shot: Path, profile: Path) -> list[str]:
-    """Load ``page`` headless, screenshot it and return its console messages."""
-    argv = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--enable-logging=stderr",
-        "--v=0",
-        "--virtual-time-budget=5000",
-        f"--screenshot={shot}",
-        "--window-size=1200,2000",
-        page.resolve().as_uri(),
-    ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: apt-get install chromium")
+@needs_chromium
 def test_report_loads_in_chromium_without_errors(bench_run, tmp_path):
     out, _, _ = bench_run
     shot = out / "report.png"
-    assert _chromium(out / "report.html", shot, tmp_path / "profile") == []
+    assert screenshot(out / "report.html", shot, tmp_path / "profile") == []
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     # The same check catches a broken audio source: a copy of the report with one file removed.
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "audio" / "one--original.wav").unlink()
-    console = _chromium(broken / "report.html", tmp_path / "b.png", tmp_path / "profile2")
+    console = screenshot(broken / "report.html", tmp_path / "b.png", tmp_path / "profile2")
     assert any("failed to load" in line and "one--original.wav" in line for line in console)
 
 

@@ -11,6 +11,7 @@ from vqkit import __version__
 from vqkit.errors import VqkitError
 
 LAYOUTS = ("auto", "folder", "fsdd", "l2arctic", "speechcommands", "ljspeech")
+LAYOUTS += ("cifar10", "mnist-idx", "image-folder", "sklearn-digits")  # corpora.IMAGE_LAYOUTS
 
 
 def _csv(text: str) -> list[str]:
@@ -57,9 +58,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config, data=args.data, run=args.run, resume=args.resume)
     for split, row in (("val", result.val), ("test", result.test)):
         if row:
-            shown = {k: v for k, v in row.items() if k in ("recon", "sd_db", "usage/0")}
+            shown = {k: v for k, v in row.items() if k in ("recon", "sd_db", "psnr_db", "usage/0")}
             print(f"{split}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     print(f"trained {result.step} steps; checkpoints in {result.run / 'checkpoints'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vqkit.evaluation import describe_evaluation, evaluate_run
+
+    result = evaluate_run(
+        args.run, args.data, args.out, split=args.split, n_grid=args.grid, device=args.device
+    )
+    print(describe_evaluation(result))
     return 0
 
 
@@ -131,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    p = verb("prepare", cmd_prepare, "build a feature cache from a speech corpus")
+    p = verb("prepare", cmd_prepare, "build a feature cache from a speech or image corpus")
     p.add_argument("src", type=Path, help="corpus root")
     p.add_argument("out", type=Path, help="output feature cache folder")
     p.add_argument("--layout", choices=LAYOUTS, help="corpus layout (default: from config, auto)")
@@ -157,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from RUN's last checkpoint")
     _add_config_args(p)
+
+    p = verb("evaluate", cmd_evaluate, "score a trained model on a split of a feature cache")
+    p.add_argument("run", type=Path, help="run folder (its best checkpoint) or checkpoint file")
+    p.add_argument("--data", type=Path, required=True, help="feature cache from vqkit prepare")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and PNGs")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="(test)")
+    p.add_argument("--grid", type=int, default=16, help="images in the grid picture (16)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu)")
 
     p = verb("encode", cmd_encode, "encode audio to a .vqc code file")
     p.add_argument("input", type=Path, help="audio file")

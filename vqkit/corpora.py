@@ -10,8 +10,11 @@ Layouts (``data.layout``):
 - ``speechcommands``: ``LABEL/*.wav`` with ``validation_list.txt`` and ``testing_list.txt``;
   speaker = the file name before ``_nohash_``; ``_background_noise_`` is not a label.
 - ``ljspeech``: ``metadata.csv`` (``id|text|normalised text``) and ``wavs/ID.wav``; speaker "LJ".
-- ``auto``: the first of ljspeech, speechcommands, l2arctic, fsdd whose marks are present, else
-  folder.
+- ``auto``: the first of ljspeech, speechcommands, l2arctic, fsdd whose marks are present, then
+  the image layouts (:func:`detect_image_layout`), else folder.
+
+The image layouts (``cifar10``, ``mnist-idx``, ``image-folder``, ``sklearn-digits``) are read by
+:mod:`vqkit.images`, which reuses the subset and split rules below.
 
 Splits are deterministic: the official ones where a corpus has them (FSDD's val is then taken from
 its train by hash), otherwise a SHA-256 hash of ``(data.seed, path)`` against ``val_fraction`` and
@@ -32,7 +35,8 @@ import soundfile as sf
 from vqkit.config import DataConfig
 from vqkit.errors import VqkitError
 
-LAYOUTS = ("auto", "folder", "fsdd", "l2arctic", "speechcommands", "ljspeech")
+IMAGE_LAYOUTS = ("cifar10", "mnist-idx", "image-folder", "sklearn-digits")
+LAYOUTS = ("auto", "folder", "fsdd", "l2arctic", "speechcommands", "ljspeech", *IMAGE_LAYOUTS)
 SPLITS = ("train", "val", "test")
 # Every format libsndfile reads, by its name, plus the usual other spellings of their suffixes.
 AUDIO_SUFFIXES = frozenset(
@@ -42,6 +46,8 @@ AUDIO_SUFFIXES = frozenset(
 FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
 FSDD_TEST_INDICES = 5  # official FSDD test set: indices 0-4
 SC_BACKGROUND = "_background_noise_"
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+CIFAR_FOLDER = "cifar-10-batches-py"  # the folder inside cifar-10-python.tar.gz
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ def list_corpus(root: str | Path, data: DataConfig) -> tuple[str, list[Utterance
     if data.layout not in LAYOUTS:
         raise VqkitError(f"unknown data.layout {data.layout!r}; use one of {', '.join(LAYOUTS)}")
     layout = detect_layout(root) if data.layout == "auto" else data.layout
+    if layout in IMAGE_LAYOUTS:
+        raise VqkitError(f"{root} holds images (layout '{layout}'): read it with vqkit.images")
     utterances = sorted(LISTERS[layout](root), key=lambda u: u.path)
     if not utterances:
         raise VqkitError(f"no audio files found in {root} for layout '{layout}'")
@@ -82,7 +90,22 @@ def detect_layout(root: Path) -> str:
     names = [p.name for p in _fsdd_dir(root).glob("*.wav")]
     if names and all(FSDD_NAME.match(n) for n in names):
         return "fsdd"
-    return "folder"
+    return detect_image_layout(root) or "folder"
+
+
+def detect_image_layout(root: Path) -> str | None:
+    """``cifar10`` (``data_batch_1`` or ``test_batch`` in ``root`` or its ``cifar-10-batches-py``),
+    ``mnist-idx`` (``*idx3-ubyte[.gz]`` files), ``image-folder`` (image files and no audio below
+    ``root``), or None."""
+    for folder in (root, root / CIFAR_FOLDER):
+        if any((folder / name).is_file() for name in ("data_batch_1", "test_batch")):
+            return "cifar10"
+    if any(root.glob("*idx3-ubyte")) or any(root.glob("*idx3-ubyte.gz")):
+        return "mnist-idx"
+    suffixes = {p.suffix.lower() for p in root.rglob("*") if not p.name.startswith(".")}
+    if suffixes & IMAGE_SUFFIXES and not suffixes & AUDIO_SUFFIXES:
+        return "image-folder"
+    return None
 
 
 def _subdirs(root: Path) -> list[Path]:

@@ -14,6 +14,13 @@ A cache folder holds
   is complete, so an interrupted run resumes where it stopped;
 - ``stats.json``: per-bin ``mean`` and ``std`` (dB, over the train split, std floored at 1 dB so
   bins that never vary do not blow up on unseen data), counts per split, and the failed files.
+
+An image cache (``features.kind = "image"``, made by :mod:`vqkit.image_cache`) has the same
+files, but its shards hold whole images ``(n, C, H, W)``, uint8 0..255 or float16 0..1; a row's
+``offset`` is the image's index in its shard (``frames`` is 1) and ``stats.json`` has
+per-channel values.
+:meth:`FeatureCache.load` and :class:`SegmentDataset` give images ``(C, H, W)`` as float32 in
+[-0.5, 0.5], whole (``segment_frames`` does not apply) and with no further normalisation.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 from torch import Tensor
 
 from vqkit.config import Config, config_from_dict, config_to_dict
-from vqkit.corpora import SPLITS
+from vqkit.corpora import IMAGE_LAYOUTS, SPLITS
 from vqkit.errors import VqkitError
 from vqkit.features import DB_FLOOR, Normaliser
 from vqkit.files import read_json
@@ -36,6 +43,8 @@ FORMAT_VERSION = 1
 MANIFEST, CONFIG, STATS, FEATURES = "manifest.jsonl", "config.json", "stats.json", "features"
 STD_FLOOR_DB = 1.0
 PREPARED_SECTIONS = ("audio", "features", "data")  # a cache is reusable if these agree
+# An image shard's value / scale - 0.5 is the pixel in [-0.5, 0.5], by the shard's dtype.
+IMAGE_SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.float16): 1.0}
 
 
 @dataclass
@@ -56,8 +65,9 @@ class PrepareSummary:
     def describe(self) -> str:
         """A few lines for people: counts, splits, time and the failed files by name."""
         splits = ", ".join(f"{self.splits.get(s, 0)} {s}" for s in SPLITS)
+        what = "images" if self.layout in IMAGE_LAYOUTS else "utterances"
         lines = [
-            f"prepared {self.n_ok} utterances ({self.layout}; {splits}) in {self.out}: "
+            f"prepared {self.n_ok} {what} ({self.layout}; {splits}) in {self.out}: "
             f"{self.n_ok - self.n_skipped} new, {self.n_skipped} already done, "
             f"{self.n_failed} failed; {self.seconds.get('wall', 0.0):.1f} s"
         ]
@@ -150,7 +160,8 @@ class FeatureCache:
         return [row for row in self._rows if row["split"] == split]
 
     def load(self, item: dict) -> np.ndarray:
-        """The raw features of one manifest row: ``(F, N)`` float32 in dB."""
+        """The raw features of one manifest row: ``(F, N)`` float32 in dB; in an image cache
+        the image ``(C, H, W)`` float32 in [-0.5, 0.5]."""
         path = self.root / safe_relative(item["features"], f"{self.root / MANIFEST}")
         start, n_bins = item["offset"], self.stats["mean"].shape[0]
         try:
@@ -159,6 +170,8 @@ class FeatureCache:
             raise VqkitError(
                 f"{path}: cannot read features ({e}); run vqkit prepare again"
             ) from None
+        if self.config.features.kind == "image":
+            return _image(shard, item, path)
         if shard.ndim != 2 or shard.shape[1] != n_bins or start + item["frames"] > shard.shape[0]:
             raise VqkitError(
                 f"{path}: shard of shape {shard.shape} cannot hold {item['frames']} frames of "
@@ -169,6 +182,18 @@ class FeatureCache:
     def __repr__(self) -> str:
         counts = ", ".join(f"{len(self.items(s))} {s}" for s in SPLITS)
         return f"FeatureCache({str(self.root)!r}: {counts})"
+
+
+def _image(shard: np.ndarray, item: dict, path: Path) -> np.ndarray:
+    """Image ``offset`` of an image shard ``(n, C, H, W)`` (uint8 0..255 or float16 0..1) as
+    ``(C, H, W)`` float32 in [-0.5, 0.5]."""
+    scale = IMAGE_SCALES.get(shard.dtype)
+    if shard.ndim != 4 or scale is None or item["offset"] >= shard.shape[0]:
+        raise VqkitError(
+            f"{path}: {shard.dtype} shard of shape {shard.shape} has no image {item['offset']}; "
+            "run vqkit prepare again into a new folder"
+        )
+    return np.asarray(shard[item["offset"]], dtype=np.float32) / scale - 0.5
 
 
 def make_normaliser(cache: FeatureCache) -> Normaliser:
@@ -195,7 +220,8 @@ class SegmentDataset(torch.utils.data.Dataset):
     by the worker's seed); ``train=False`` takes the start. Shorter items are padded after their
     end with the quietest value before normalising: -100 dB (silence) for "none" and "meanstd",
     the item's own minimum for the min-max kinds (so the padding normalises to ``low``).
-    ``segment_frames == 0`` gives whole items; batch them with :meth:`collate`.
+    ``segment_frames == 0`` gives whole items; batch them with :meth:`collate`. An image cache
+    gives whole images ``(C, H, W)`` in [-0.5, 0.5] whatever ``segment_frames`` is.
     """
 
     def __init__(
@@ -221,6 +247,8 @@ class SegmentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tensor:
         item = self.items[index]
         x = torch.from_numpy(self.cache.load(item))
+        if self.cache.config.features.kind == "image":
+            return x
         quiet = item["x_min"] if self.normaliser.n_side else DB_FLOOR
         n = self.segment_frames
         if n > 0 and x.shape[1] > n:

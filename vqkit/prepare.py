@@ -53,6 +53,14 @@ def run_prepare(
     start = time.perf_counter()
     if workers < 1:
         raise VqkitError(f"--workers must be at least 1, got {workers}")
+    from vqkit.image_cache import prepare_images  # it imports this module
+    from vqkit.images import find_image_layout
+
+    image_layout = find_image_layout(src, config.data.layout)
+    if image_layout is not None:
+        return prepare_images(src, out, config, image_layout, progress=progress)
+    if config.features.kind == "image":
+        raise VqkitError(f"features.kind 'image' needs an image corpus; {src} holds audio")
     check_config(config)
     layout, utterances = list_corpus(src, config.data)
     seconds = {"list": time.perf_counter() - start}

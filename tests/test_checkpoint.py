@@ -112,7 +112,7 @@ def test_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Monk
         raise OSError("disk full")
 
     monkeypatch.setattr("vqkit.checkpoint.save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(VqkitError, match="cannot write .*last.safetensors: disk full"):
         save_checkpoint(path, model, config, meta={"in_shape": [12], "step": 2})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]

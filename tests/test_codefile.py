@@ -335,10 +335,17 @@ FUZZ_TARGETS = {
 @pytest.mark.parametrize("name", FUZZ_TARGETS)
 def test_fuzz(name: str) -> None:
     strategy, check, examples = FUZZ_TARGETS[name]
+    ran = []
+
+    def counted(data: object) -> None:
+        ran.append(1)
+        check(data)
+
     run = settings(
         max_examples=examples,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow],
-    )(given(strategy)(check))
+    )(given(strategy)(counted))
     run()
+    assert len(ran) >= examples  # every example ran: 10,000 in all over the four targets

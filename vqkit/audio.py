@@ -6,6 +6,7 @@ Waveforms are float32 numpy arrays of shape ``(T,)`` in [-1, 1] unless stated ot
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,11 @@ import soxr
 from vqkit.errors import VqkitError
 from vqkit.files import atomic_path
 
-MIN_SAMPLE_RATE = 1
+# Below 4 kHz a recording holds under 2 kHz of bandwidth, too little for speech: such a rate is
+# almost always a damaged header, and upsampling it would multiply the samples to hold.
+MIN_SAMPLE_RATE = 4_000
 MAX_SAMPLE_RATE = 384_000
+_WAV_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # data sizes that streaming writers leave in the header
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
@@ -90,6 +94,34 @@ def write_audio(path: str | os.PathLike, wave: np.ndarray, sample_rate: int) -> 
     wave = np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0)
     with atomic_path(path) as tmp:
         sf.write(str(tmp), wave, sample_rate, format=fmt, subtype="PCM_16")
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Raise :class:`VqkitError` when ``path`` is a WAV file cut short: its data chunk holds fewer
+    bytes than its header says (libsndfile would quietly read what is there). Other formats, and
+    WAV files written by streaming tools that leave the size unset, pass."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if head[:4] != b"RIFF" or head[8:] != b"WAVE":
+                return
+            position = 12
+            while position + 8 <= size:
+                f.seek(position)
+                chunk, n = struct.unpack("<4sI", f.read(8))
+                if chunk == b"data":
+                    there = size - position - 8
+                    if n not in _WAV_UNKNOWN_SIZES and there < n:
+                        raise VqkitError(
+                            f"{path}: truncated WAV file: its header promises {n} bytes of "
+                            f"audio, only {there} are there"
+                        )
+                    return
+                position += 8 + n + n % 2
+    except OSError as e:
+        raise VqkitError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _short(e: Exception) -> str:

@@ -9,6 +9,7 @@ A checkpoint file holds
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import json
@@ -92,16 +93,21 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
             f"version {FORMAT_VERSION}: retrain or use a matching vqkit"
         )
     try:
-        config = config_from_dict(json.loads(metadata["config"]))
-        meta = json.loads(metadata.get("meta", "{}"))
-    except (KeyError, json.JSONDecodeError, VqkitError) as e:
+        config = config_from_dict(_json_object(metadata.get("config", ""), "config"))
+        meta = _json_object(metadata.get("meta", "{}"), "meta")
+    except VqkitError as e:
         raise VqkitError(f"{path} has a config this vqkit cannot load: {e}") from None
     weights = {k[len(MODEL_PREFIX) :]: v for k, v in flat.items() if k.startswith(MODEL_PREFIX)}
     model = _build_and_fill(path, config, meta, weights)
-    optimizer = None
-    if "optimizer" in metadata:
-        optim_tensors = {k: v for k, v in flat.items() if k.startswith(OPTIMIZER_PREFIX)}
-        optimizer = _unflatten_optimizer(optim_tensors, metadata["optimizer"])
+    optimizer, scheduler = None, None
+    try:
+        if "optimizer" in metadata:
+            optim_tensors = {k: v for k, v in flat.items() if k.startswith(OPTIMIZER_PREFIX)}
+            optimizer = _unflatten_optimizer(optim_tensors, metadata["optimizer"])
+        if "scheduler" in metadata:
+            scheduler = _json_object(metadata["scheduler"], "scheduler")
+    except (VqkitError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise VqkitError(f"{path} has damaged optimizer or scheduler state ({e})") from None
     return Checkpoint(
         model=model.eval(),
         config=config,
@@ -111,7 +117,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
         meta=meta,
         model_id=model_id(weights, config),
         optimizer=optimizer,
-        scheduler=json.loads(metadata["scheduler"]) if "scheduler" in metadata else None,
+        scheduler=scheduler,
     )
 
 
@@ -146,19 +152,20 @@ def resolve_model(name: str | os.PathLike) -> Path:
 def _read_safetensors(path: Path, map_location: str) -> tuple[dict[str, str], dict[str, Tensor]]:
     if not path.is_file():
         raise VqkitError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (0x80 protocol).
-    if head.startswith(b"PK") or head[:1] == b"\x80":
-        raise VqkitError(
-            f"{path} is a pickled PyTorch file (torch.save); vqkit refuses to unpickle "
-            "checkpoints: save it with vqkit (safetensors) instead"
-        )
     try:
         with safe_open(str(path), framework="pt", device=map_location) as f:
             metadata = f.metadata() or {}
             flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
     except (SafetensorError, OSError, ValueError) as e:
+        # Only now look for torch.save's zip archive (PK..) or legacy pickle (0x80, protocol
+        # 2-5): the first 8 bytes of a safetensors file are its header size and may look alike.
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+            raise VqkitError(
+                f"{path} is a pickled PyTorch file (torch.save); vqkit refuses to unpickle "
+                "checkpoints: save it with vqkit (safetensors) instead"
+            ) from None
         raise VqkitError(f"{path} is not a safetensors checkpoint ({e})") from None
     return metadata, flat
 
@@ -166,13 +173,12 @@ def _read_safetensors(path: Path, map_location: str) -> tuple[dict[str, str], di
 def _build_and_fill(
     path: Path, config: Config, meta: dict[str, Any], weights: dict[str, Tensor]
 ) -> Autoencoder:
-    if "in_shape" not in meta:
+    in_shape = meta.get("in_shape")
+    if not isinstance(in_shape, list) or not all(type(n) is int and n > 0 for n in in_shape):
         raise VqkitError(f"{path} does not record the model's input shape (meta.in_shape)")
-    try:
-        model = build_model(config, tuple(meta["in_shape"]))
-    except (VqkitError, ValueError) as e:
-        raise VqkitError(f"{path} has a config this vqkit cannot build a model from: {e}") from None
-    expected = model.state_dict()
+    # Check the shapes on the meta device first (no memory), so that a config claiming a huge
+    # model fails here instead of allocating it; then build the real model.
+    expected = _build(path, config, tuple(in_shape), "meta").state_dict()
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
     reshaped = sorted(
@@ -185,8 +191,35 @@ def _build_and_fill(
             f"its config ({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} "
             f"of another shape, e.g. '{example}')"
         )
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() != expected[name].is_floating_point():
+            raise VqkitError(f"{path}: weight '{name}' has dtype {tensor.dtype}: damaged")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise VqkitError(f"{path}: weight '{name}' holds NaN or Inf (training diverged?)")
+    model = _build(path, config, tuple(in_shape), None)
     model.load_state_dict(weights, strict=True)
     return model
+
+
+def _build(
+    path: Path, config: Config, in_shape: tuple[int, ...], device: str | None
+) -> Autoencoder:
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            return build_model(config, in_shape)
+    except (VqkitError, ValueError, RuntimeError, TypeError) as e:
+        raise VqkitError(f"{path} has a config this vqkit cannot build a model from: {e}") from None
+
+
+def _json_object(text: str, name: str) -> dict[str, Any]:
+    """Parse JSON text that must hold an object, else :class:`VqkitError`."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise VqkitError(f"{name} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise VqkitError(f"{name} is not a JSON object")
+    return value
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], str]:

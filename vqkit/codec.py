@@ -23,7 +23,7 @@ import soxr
 import torch
 from torch import Tensor, nn
 
-from vqkit.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from vqkit.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, check_complete
 from vqkit.checkpoint import Checkpoint, load_checkpoint, resolve_model
 from vqkit.codefile import EncodedAudio, bits_per_code
 from vqkit.config import Config
@@ -49,7 +49,7 @@ class Codec:
         self.model_id = checkpoint.model_id
         self.sample_rate = config.audio.sample_rate
         self.frontend = make_frontend(config.features, self.sample_rate)
-        self.normaliser = _normaliser(checkpoint)
+        self.normaliser = _normaliser(checkpoint, self.frontend.n_bins)
         self.hop_length = self.frontend.hop_length
         self.downsample = model.downsample  # feature frames per code frame
         self.n_codebooks = model.bottleneck.n_codebooks
@@ -302,9 +302,14 @@ def _check_model(config: Config, model: nn.Module) -> None:
         raise VqkitError(f"features.kind '{config.features.kind}' cannot be turned back into audio")
     if bits_per_code(model.bottleneck.codebook_size) > 16:
         raise VqkitError("the code file holds codebooks of at most 65536 entries")
+    if not MIN_SAMPLE_RATE <= config.audio.sample_rate <= MAX_SAMPLE_RATE:
+        raise VqkitError(
+            f"the model's audio.sample_rate {config.audio.sample_rate} Hz is outside "
+            f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
+        )
 
 
-def _normaliser(checkpoint: Checkpoint) -> Normaliser:
+def _normaliser(checkpoint: Checkpoint, n_bins: int) -> Normaliser:
     kind = checkpoint.config.features.normalise
     if kind not in ("none", "meanstd"):
         raise VqkitError(
@@ -315,7 +320,15 @@ def _normaliser(checkpoint: Checkpoint) -> Normaliser:
         return Normaliser(kind)
     if not {"norm.mean", "norm.std"} <= set(checkpoint.tensors):
         raise VqkitError("the checkpoint lacks the normaliser's norm.mean and norm.std")
-    return Normaliser(kind, checkpoint.tensors["norm.mean"], checkpoint.tensors["norm.std"])
+    mean, std = checkpoint.tensors["norm.mean"], checkpoint.tensors["norm.std"]
+    if mean.shape != (n_bins,):
+        raise VqkitError(
+            f"the checkpoint's norm.mean has shape {tuple(mean.shape)}, not ({n_bins},): damaged"
+        )
+    try:
+        return Normaliser(kind, mean, std)
+    except ValueError as e:
+        raise VqkitError(f"the checkpoint's normaliser is damaged: {e}") from None
 
 
 def _reach(net: nn.Module, channels: int, factor: int, downsampling: bool) -> int:
@@ -341,6 +354,8 @@ def _reach(net: nn.Module, channels: int, factor: int, downsampling: bool) -> in
                 (grad,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
             touched |= grad[0].abs().sum(0) > 0
         index = torch.nonzero(touched)[:, 0]
+        if index.numel() == 0:  # the output ignores its input (all-zero weights, say)
+            return 0
         low, high = int(index.min()), int(index.max())
         if (low > 0 and high < length - 1) or length >= MAX_PROBE_FRAMES:
             return max(middle - low, high - middle)
@@ -387,6 +402,12 @@ def _open_audio(path: str | os.PathLike) -> tuple[int, Iterator[np.ndarray]]:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
         raise VqkitError(f"{path}: cannot decode audio ({_first_line(e)})") from None
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
+        raise VqkitError(
+            f"{path}: sample rate {info.samplerate} Hz is not supported "
+            f"(vqkit reads {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz)"
+        )
+    check_complete(path)  # a cut-short WAV would otherwise encode without its end
     return info.samplerate, _blocks(path, info.channels)
 
 

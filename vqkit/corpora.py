@@ -170,11 +170,15 @@ def _list_speechcommands(root: Path) -> list[Utterance]:
 
 def _list_ljspeech(root: Path) -> list[Utterance]:
     out = []
-    for line in (root / "metadata.csv").read_text(encoding="utf-8").splitlines():
+    metadata = root / "metadata.csv"
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
         fields = line.split("|")
         if len(fields) >= 2 and fields[0].strip():
+            name = fields[0].strip()
+            if "/" in name or "\\" in name or name.startswith("."):  # must stay inside wavs/
+                raise VqkitError(f"{metadata}:{number}: id {name!r} is not a plain file name")
             text = fields[2] if len(fields) > 2 else fields[1]
-            out.append(Utterance(f"wavs/{fields[0].strip()}.wav", "LJ", None, None, text))
+            out.append(Utterance(f"wavs/{name}.wav", "LJ", None, None, text))
     return out
 
 

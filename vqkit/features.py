@@ -57,6 +57,7 @@ DB_FLOOR = -100.0  # dB value of silence: amplitude floor 1e-5, power floor 1e-1
 KINDS = ("stft", "mel", "ratek")
 CODEC2_FMIN, CODEC2_FMAX = 200.0, 3700.0  # rate-K sampling range of Codec 2 700C
 LIFTER_SECONDS = 0.002  # cepstral lifter cutoff for the rate-K envelope
+MAX_N_FFT = 65536  # over a second at 48 kHz; a larger value is a damaged config, not a choice
 
 
 class Frontend(torch.nn.Module):
@@ -70,10 +71,10 @@ class Frontend(torch.nn.Module):
         self, sample_rate: int, n_fft: int, hop_length: int, win_length: int, n_bins: int
     ) -> None:
         super().__init__()
-        if n_fft < 2 or hop_length < 1 or not 1 <= win_length <= n_fft:
+        if not 2 <= n_fft <= MAX_N_FFT or hop_length < 1 or not 1 <= win_length <= n_fft:
             raise VqkitError(
-                f"STFT needs n_fft >= 2, hop_length >= 1 and 1 <= win_length <= n_fft; got "
-                f"n_fft={n_fft}, hop_length={hop_length}, win_length={win_length}"
+                f"STFT needs 2 <= n_fft <= {MAX_N_FFT}, hop_length >= 1 and 1 <= win_length <= "
+                f"n_fft; got n_fft={n_fft}, hop_length={hop_length}, win_length={win_length}"
             )
         self.sample_rate, self.n_fft, self.hop_length = sample_rate, n_fft, hop_length
         self.win_length, self.n_bins = win_length, n_bins

@@ -12,27 +12,37 @@ from typing import Any
 
 from vqkit.errors import VqkitError
 
+TEMPORARY_SUFFIX = ".tmp"  # atomic_path writes ``.NAME.RANDOM.tmp`` beside ``NAME``
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     A file on disk is therefore either the old one, the new one whole, or absent: never partial.
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched; an OSError
+    (unwritable folder, disk full, ``path`` is a folder) becomes a :class:`VqkitError`. The new
+    file gets the permissions ``open`` would give it (0o666 less the umask), not mkstemp's 0o600.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent
+        )
     except OSError as e:
-        raise VqkitError(f"cannot write {path}: {e.strerror or e}") from None
+        raise VqkitError(f"cannot write {path}: {_reason(e, path)}") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
+        with open(tmp, "rb+") as f:  # the writer may have replaced tmp: set the mode now
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise VqkitError(f"cannot write {path}: {_reason(e, path)}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -56,5 +66,35 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise VqkitError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise VqkitError(f"{path} is not valid JSON: {e}") from None
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writers killed inside :func:`atomic_path` left in
+    ``folder`` (not below it); returns them. Call it only while no one else writes there."""
+    stray = sorted(Path(folder).glob(f".*{TEMPORARY_SUFFIX}"))
+    for path in stray:
+        path.unlink(missing_ok=True)
+    return stray
+
+
+def _umask() -> int:
+    """The process's umask: from /proc on Linux, else by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _reason(e: OSError, path: Path) -> str:
+    """Why ``path`` cannot be written, in words: a parent that is a file, else the OS's reason."""
+    if path.is_dir():
+        return "it is a folder"
+    for parent in path.parents:
+        if parent.exists():
+            return f"{parent} is not a folder" if not parent.is_dir() else (e.strerror or str(e))
+    return e.strerror or str(e)

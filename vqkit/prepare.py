@@ -113,8 +113,12 @@ def _locked(out: Path) -> Iterator[None]:
         raise VqkitError(f"{out} exists and is not a folder")
     if out.is_dir() and not (out / CONFIG).exists() and any(_visible(out)):
         raise VqkitError(f"{out} is not empty and not a feature cache; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "w")  # noqa: SIM115 (closed by the with below)
+    except OSError as e:
+        raise VqkitError(f"cannot write the feature cache {out}: {e.strerror or e}") from None
+    with lock:
         try:
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +164,7 @@ def _training_plot(model: dict[str, Any], plots: Path) -> str | None:
         plot_losses(rows, target, key=key)
         return "plots/training.png"
     if run is not None and (run / "loss.png").is_file():
-        shutil.copyfile(run / "loss.png", target)
+        atomic_write_bytes(target, (run / "loss.png").read_bytes())
         return "plots/training.png"
     return None
 

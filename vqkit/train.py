@@ -33,7 +33,7 @@ from vqkit.data import FeatureCache, SegmentDataset
 from vqkit.distributed import Distributed, batch_indices, init_distributed, step_seed
 from vqkit.errors import VqkitError
 from vqkit.evaluation import eval_frames, evaluate, reconstruction_loss
-from vqkit.files import write_json
+from vqkit.files import remove_temporaries, write_json
 from vqkit.model import Autoencoder, build_model
 from vqkit.runlog import MetricsLog, StopOnInterrupt, Throughput, plot_losses, progress
 
@@ -101,6 +101,9 @@ def start(config: Config, data: Path, run: Path, resume: bool, dist: Distributed
     cache = FeatureCache(data)
     config = resolve_config(config, cache)
     checkpoint = open_run(run, config, resume)
+    if checkpoint is not None and dist.is_main:  # half-written files of a killed run
+        for folder in (run, run / "checkpoints"):
+            remove_temporaries(folder)
     tc = config.train
     n_train, n_val = len(cache.items("train")), len(cache.items("val"))
     if n_train < dist.world_size or n_val == 0:

@@ -21,7 +21,7 @@ from vqkit.data import FeatureCache
 from vqkit.distributed import batch_indices
 from vqkit.errors import VqkitError
 from vqkit.evaluation import code_stats
-from vqkit.runlog import read_metrics
+from vqkit.runlog import StopOnInterrupt, read_metrics
 from vqkit.train import make_scheduler, train
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs"
@@ -216,3 +216,14 @@ def test_code_stats() -> None:
     stats = code_stats(counts)
     assert stats["usage/0"] == 0.5 and stats["perplexity/0"] == pytest.approx(2.0)
     assert stats["usage/1"] == 1.0 and stats["perplexity/1"] == pytest.approx(4.0)
+
+
+def test_first_signal_requests_a_stop_and_a_second_aborts() -> None:
+    before = {s: signal.getsignal(s) for s in StopOnInterrupt.SIGNALS}
+    for signum in StopOnInterrupt.SIGNALS:
+        with StopOnInterrupt() as stop:
+            signal.raise_signal(signum)
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signum)
+    assert {s: signal.getsignal(s) for s in StopOnInterrupt.SIGNALS} == before

@@ -105,11 +105,14 @@ class Throughput:
 
 
 class StopOnInterrupt:
-    """Turns the first Ctrl-C into a request to stop after the current step; a second one aborts."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current step,
+    so the loop can save before exiting; a second signal aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -118,12 +121,12 @@ class StopOnInterrupt:
 
     def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def progress(step: int, steps: int, enabled: bool) -> tqdm:

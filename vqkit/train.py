@@ -79,7 +79,7 @@ def train(
     """Train ``config``'s model on the feature cache ``data``, writing into the folder ``run``.
 
     Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK set) this joins the process group first.
-    Ctrl-C saves ``last`` after the current step and raises KeyboardInterrupt.
+    Ctrl-C (or SIGTERM) saves ``last`` after the current step, then raises KeyboardInterrupt.
     """
     dist = init_distributed(config.train.device)
     threads = torch.get_num_threads()

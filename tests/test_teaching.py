@@ -25,10 +25,10 @@ from PIL import Image
 from vqkit.checkpoint import load_checkpoint, save_checkpoint
 from vqkit.cli import main
 from vqkit.config import Config, replace
-from vqkit.data import MANIFEST, FeatureCache, read_manifest
+from vqkit.data import MANIFEST, FeatureCache, SegmentDataset, read_manifest
 from vqkit.export import export_modules, torchscript_modules
-from vqkit.generate import draw_codes, interpolate
-from vqkit.inputs import load_spectrogram_model, parse_cache_ref, read_input
+from vqkit.generate import code_frequencies, draw_codes, interpolate
+from vqkit.inputs import load_spectrogram_model, open_cache, parse_cache_ref, read_input
 from vqkit.model import build_model
 from vqkit.viz import mixture, toy_training
 
@@ -239,6 +239,19 @@ def test_generate_samples_a_vq_model_from_its_code_counts(runs, tiny_cache, tmp_
     assert (out / "spectrograms.png").stat().st_size > 1000
 
 
+def test_code_counts_cover_every_training_frame(runs, tiny_cache):
+    spec = load_spectrogram_model(runs["rvq"])
+    cache = open_cache(tiny_cache, spec)
+    counts = code_frequencies(spec, cache, batch_size=2)  # batched by equal length
+    expected = torch.zeros_like(counts)
+    for item in SegmentDataset(cache, "train", 0, train=False):  # one at a time
+        with torch.no_grad():
+            codes = spec.model.encode(item[None])[0]  # (Q, N')
+        for q, row in enumerate(codes):
+            expected[q] += torch.bincount(row, minlength=16)
+    assert torch.equal(counts, expected)
+
+
 def test_drawn_codes_follow_the_counts():
     counts = torch.tensor([[0, 30, 0, 10], [5, 0, 0, 0]])
     codes = draw_codes(counts, 50, (40,), torch.Generator().manual_seed(0))
@@ -314,18 +327,28 @@ def test_torchscript_modules_match_the_eager_model(runs, name):
             assert torch.equal(decoder(encoder(x))[..., :length], x_hat)
 
 
-def test_export_handles_2d_models(tiny_cache, tmp_path):
-    cache = FeatureCache(tiny_cache)
-    run = make_run(tmp_path / "conv2d", cache.config, cache.stats, "conv2d", **BOTTLENECKS["rvq"])
-    model = load_checkpoint(run / "checkpoints" / "best.safetensors").model
+@pytest.mark.parametrize(
+    ("kind", "in_shape", "x_shape", "codes_shape"),
+    [
+        ("conv2d", (65,), (2, 65, 21), (2, 3, 17, 6)),  # a spectrogram as an image, padded
+        ("conv2d", (3, 12, 12), (2, 3, 12, 12), (2, 3, 3, 3)),  # colour images
+        ("convlist", (1, 14, 10), (2, 1, 14, 10), (2, 3, 4, 3)),
+    ],
+)
+def test_export_handles_2d_models(tiny_config, kind, in_shape, x_shape, codes_shape):
+    config = replace(tiny_config, model={**TINY_MODEL, "kind": kind}, bottleneck=BOTTLENECKS["rvq"])
+    torch.manual_seed(0)
+    model = build_model(config, in_shape).eval()
     eager, _ = export_modules(model)
     encoder, decoder = torchscript_modules(model)
-    x = torch.randn(2, 65, 21)
+    x = torch.randn(*x_shape)
     with torch.no_grad():
         codes = model.encode(x)
-        assert codes.shape == (2, 3, 17, 6) and torch.equal(eager(x), codes)
+        assert codes.shape == codes_shape and torch.equal(eager(x), codes)
         assert torch.equal(encoder(x), codes)
-        assert torch.equal(decoder(codes)[..., :21], model(x).x_hat)
+        assert torch.equal(decoder(codes), model.decode(codes))
+        x_hat = decoder(codes)[..., : x_shape[-2], : x_shape[-1]]
+        assert torch.equal(x_hat, model(x).x_hat)
 
 
 def test_export_torchscript_files_through_the_cli(runs, tmp_path):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from vqkit import __version__
@@ -127,57 +128,79 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch threads, then restore the count. The teaching verbs run small
+    tensors: one thread is often much faster than two on a busy machine."""
+    import torch
+
+    if n < 1:
+        raise VqkitError(f"--threads must be >= 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def cmd_viz(args: argparse.Namespace) -> int:
     from vqkit.viz import animate_vq
 
-    result = animate_vq(
-        args.out,
-        stages=args.stages,
-        steps=args.steps,
-        codebook_size=args.codebook_size,
-        update=args.update,
-        seed=args.seed,
-    )
-    final = ", ".join(f"{d:.3f}" for d in result.distortion[-1])
-    print(f"{result.gif} and {result.png}: distortion {final} after {args.steps} steps")
-    return 0
+    with _torch_threads(args.threads):
+        result = animate_vq(
+            args.out,
+            stages=args.stages,
+            steps=args.steps,
+            codebook_size=args.codebook_size,
+            update=args.update,
+            seed=args.seed,
+        )
+        final = ", ".join(f"{d:.3f}" for d in result.distortion[-1])
+        print(f"{result.gif} and {result.png}: distortion {final} after {args.steps} steps")
+        return 0
 
 
 def cmd_pager(args: argparse.Namespace) -> int:
     from vqkit.pager import write_pager
 
-    info = write_pager(args.input, args.model, args.out, n_codebooks=args.stages)
-    print(f"{info.path}: {info.n_frames} frames, mean distortion {info.mean_distortion_db:.2f} dB")
-    return 0
+    with _torch_threads(args.threads):
+        info = write_pager(args.input, args.model, args.out, n_codebooks=args.stages)
+        print(
+            f"{info.path}: {info.n_frames} frames, mean distortion {info.mean_distortion_db:.2f} dB"
+        )
+        return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from vqkit.generate import generate
 
-    sources = tuple(args.sources) if args.sources else None
-    result = generate(
-        args.run,
-        args.out,
-        n=args.n,
-        data=args.data,
-        sources=sources,
-        seconds=args.seconds,
-        seed=args.seed,
-        iters=args.iters,
-    )
-    for name, paths in (("samples", result.samples), ("interpolation", result.interpolations)):
-        if paths:
-            print(f"{name}: {paths[0]} .. {paths[-1].name}")
-    print(f"spectrograms: {result.figure}")
-    return 0
+    with _torch_threads(args.threads):
+        sources = tuple(args.sources) if args.sources else None
+        result = generate(
+            args.run,
+            args.out,
+            n=args.n,
+            data=args.data,
+            sources=sources,
+            seconds=args.seconds,
+            seed=args.seed,
+            iters=args.iters,
+        )
+        for name, paths in (("samples", result.samples), ("interpolation", result.interpolations)):
+            if paths:
+                print(f"{name}: {paths[0]} .. {paths[-1].name}")
+        print(f"spectrograms: {result.figure}")
+        return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from vqkit.export import export_model
 
-    result = export_model(args.run, args.out, format=args.format)
-    print(f"{result.format}: {result.encoder} (x -> codes), {result.decoder} (codes -> x_hat)")
-    return 0
+    with _torch_threads(args.threads):
+        result = export_model(args.run, args.out, format=args.format)
+        print(f"{result.format}: {result.encoder} (x -> codes), {result.decoder} (codes -> x_hat)")
+        return 0
 
 
 def _add_teaching_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
@@ -189,12 +212,14 @@ def _add_teaching_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--codebook-size", type=int, default=0, help="codes per stage (16 / 8)")
     p.add_argument("--update", choices=("ema", "loss"), default="ema", help="codebook update")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
 
     p = verb("pager", cmd_pager, "an HTML page stepping through an utterance's spectral frames")
     p.add_argument("input", help="audio file, or CACHE#ROW (a cache row's index or path)")
     p.add_argument("--model", required=True, help="run folder or checkpoint")
     p.add_argument("--out", type=Path, required=True, help="the .html page to write")
     p.add_argument("--stages", type=int, help="residual VQ stages to use (default: all)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
 
     p = verb("generate", cmd_generate, "sample and interpolate a model's latents, to WAV files")
     p.add_argument("run", help="run folder or checkpoint")
@@ -207,11 +232,13 @@ def _add_teaching_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="length of samples (2.0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--iters", type=int, help="Griffin-Lim iterations (default: the model's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
 
     p = verb("export", cmd_export, "export encoder+quantizer and decoder as TorchScript or ONNX")
     p.add_argument("run", help="run folder or checkpoint")
     p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from torch import Tensor
 from vqkit.audio import write_audio
 from vqkit.data import FeatureCache, SegmentDataset
 from vqkit.errors import VqkitError
-from vqkit.evaluation import code_counts, code_stats
+from vqkit.evaluation import code_counts, code_stats, equal_shape_batches
 from vqkit.files import atomic_path, write_json
 from vqkit.inputs import (
     SpectrogramModel,
@@ -113,16 +113,19 @@ def _need(cache: FeatureCache | None, what: str) -> FeatureCache:
     return cache
 
 
-def code_frequencies(spec: SpectrogramModel, cache: FeatureCache) -> Tensor:
-    """How often the model chooses each code of each stage on the training split: ``(Q, K)``."""
+def code_frequencies(spec: SpectrogramModel, cache: FeatureCache, batch_size: int = 64) -> Tensor:
+    """How often the model chooses each code of each stage on the training split: ``(Q, K)``.
+
+    Whole items, batched by equal length, so no padding changes a code.
+    """
     items = SegmentDataset(cache, "train", 0, train=False)
     if len(items) == 0:
         raise VqkitError(f"{cache.root} has no training items to count codes on")
-    counts = None
-    for x in items:
-        codes = spec.model.encode(x[None])
-        found = code_counts(codes, spec.model.bottleneck.codebook_size)
-        counts = found if counts is None else counts + found
+    size = spec.model.bottleneck.codebook_size
+    counts = torch.zeros(spec.model.bottleneck.n_codebooks, size, dtype=torch.long)
+    for batch in equal_shape_batches(items, len(items), batch_size):
+        codes = spec.model.encode(torch.stack([items[i] for i in batch]))
+        counts += code_counts(codes, size)
     return counts
 
 

@@ -10,12 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from vqkit.config import Config, load_config
 
 TINY_SAMPLE_RATE = 8000
 TINY_SPEAKERS = ("alice", "bob", "carol")
 TINY_UTTERANCES = 4  # per speaker: 12 files in all
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests use tiny tensors: on a shared 2-core machine one torch thread is many times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def synth_utterance(rng: np.random.Generator, seconds: float, f0: float) -> np.ndarray:

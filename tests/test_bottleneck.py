@@ -28,15 +28,6 @@ KINDS = ["identity", "gaussian", "vq", "rvq", "fsq"]
 SHAPES = [(3, 16, 7), (2, 16, 5, 3)]  # (B, D, N) and (B, D, H, W), odd sizes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids waking a second one for every small op (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(kind: str, **changes) -> torch.nn.Module:
     values = {"kind": kind, "codebook_size": 32, "n_codebooks": 3 if kind == "rvq" else 1}
     return build_bottleneck(BottleneckConfig(**{**values, **changes}), latent_dim=16)

@@ -75,14 +75,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def logged_steps(run: Path) -> list[int]:
     """Training steps in ``metrics.jsonl``, parsing every line strictly."""
     lines = (run / "metrics.jsonl").read_text().splitlines()

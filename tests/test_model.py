@@ -16,15 +16,6 @@ BOTTLENECKS = ["identity", "gaussian", "vq", "rvq", "fsq"]
 TINY = {"hidden": 16, "latent_dim": 8, "n_res_blocks": 1, "filters": [8, 16]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids waking a second one for every small op (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(
     kind: str, family: str, model: dict | None = None, bottleneck: dict | None = None, **sections
 ) -> Config:

@@ -43,15 +43,6 @@ BOTTLENECKS = {
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids waking a second one for every small op (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_run(root: Path, config: Config, stats: dict, model: str = "conv1d", **bottleneck) -> Path:
     """A run folder holding a random-weight model of ``bottleneck`` and the cache's statistics."""
     config = replace(

@@ -2,8 +2,9 @@
 
 Keeps the best checkpoint's weights, config and normaliser, drops the optimizer state, and keeps the
 run's training curves (the `recon` and `sd_db` columns of metrics.jsonl) in the checkpoint's meta so
-`vqkit bench` can plot them without the run folder.
-Usage: python scripts/ship_model.py RUN OUT.safetensors
+`vqkit bench` can plot them without the run folder. `--set codec.KEY=VALUE` changes decoding
+settings (post-filter, Griffin-Lim iterations), which leave the weights alone.
+Usage: python scripts/ship_model.py RUN OUT.safetensors [--set codec.postfilter=1.15 ...]
 """
 
 from __future__ import annotations
@@ -12,18 +13,23 @@ import argparse
 from pathlib import Path
 
 from vqkit.checkpoint import load_checkpoint, resolve_model, save_checkpoint
+from vqkit.config import config_from_dict, config_to_dict, merge_overrides
+from vqkit.errors import VqkitError
 from vqkit.runlog import read_metrics
 
 CURVE_KEYS = ("step", "split", "recon", "loss", "sd_db")
 
 
-def ship(run: Path, out: Path) -> str:
+def ship(run: Path, out: Path, overrides: list[str]) -> str:
     checkpoint = load_checkpoint(resolve_model(run))
+    if any(not o.startswith("codec.") for o in overrides):
+        raise VqkitError("only codec.* settings can change after training")
+    config = config_from_dict(merge_overrides(config_to_dict(checkpoint.config), overrides))
     curves = [
         {k: row[k] for k in CURVE_KEYS if k in row} for row in read_metrics(run / "metrics.jsonl")
     ]
     meta = {**checkpoint.meta, "curves": curves, "run": run.name}
-    save_checkpoint(out, checkpoint.model, checkpoint.config, tensors=checkpoint.tensors, meta=meta)
+    save_checkpoint(out, checkpoint.model, config, tensors=checkpoint.tensors, meta=meta)
     return load_checkpoint(out).model_id
 
 
@@ -31,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
-    model_id = ship(args.run, args.out)
+    model_id = ship(args.run, args.out, args.overrides)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, model id {model_id})")
     return 0
 

@@ -22,7 +22,7 @@ from vqkit.config import Config, FeatureConfig, load_config, replace
 from vqkit.errors import VqkitError
 from vqkit.features import make_frontend
 from vqkit.model import build_model
-from vqkit.synthesis import crossfade, make_synthesiser, synthesise_chunked
+from vqkit.synthesis import crossfade, make_synthesiser, postfilter, synthesise_chunked
 
 RATE = 8000
 N_BINS = 65  # n_fft 128
@@ -299,3 +299,14 @@ def test_memory_does_not_grow_with_duration(tmp_path: Path, model_path: Path, mo
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < 1.3 * peaks[0]
+
+
+def test_postfilter_stretches_each_frame_about_its_mean() -> None:
+    x = torch.randn(2, 9, 5) * 10 - 40
+    assert torch.equal(postfilter(x, 1.0), x)
+    y = postfilter(x, 1.5)
+    assert torch.allclose(y.mean(dim=1), x.mean(dim=1), atol=1e-4)
+    deviation = x - x.mean(dim=1, keepdim=True)
+    assert torch.allclose(y - y.mean(dim=1, keepdim=True), 1.5 * deviation, atol=1e-4)
+    with pytest.raises(VqkitError, match="postfilter must be positive"):
+        postfilter(x, 0.0)

@@ -31,7 +31,7 @@ from vqkit.errors import VqkitError
 from vqkit.features import make_frontend
 from vqkit.files import atomic_path, atomic_write_bytes
 from vqkit.normalise import Normaliser
-from vqkit.synthesis import make_synthesiser, synthesise_chunked
+from vqkit.synthesis import make_synthesiser, postfilter, synthesise_chunked
 
 BLOCK_FRAMES = 65536  # audio samples read (and resampled) at a time
 PROBE_FRAMES = 256  # first input length for measuring a network's receptive field
@@ -208,6 +208,7 @@ class Codec:
                 x_hat = self.model.decode(codes[None, :, first:last])
                 no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
                 x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
+                x_hat = postfilter(x_hat, self.config.codec.postfilter)
             yield x_hat[:, (start - first) * d : min(stop * d, n_frames) - first * d]
 
     def _check_encoded(self, encoded: EncodedAudio) -> None:

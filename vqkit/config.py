@@ -124,6 +124,9 @@ class CodecConfig:
     gl_momentum: float = 0.99
     chunk_seconds: float = 20.0
     level_db: float = 0.0  # RMS level (dBFS) input is scaled to before encoding; 0 keeps it as is
+    # Post-filter: decoded dB spectra are stretched about each frame's mean by this factor before
+    # synthesis, undoing some of the decoder's over-smoothing; 1 turns it off.
+    postfilter: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,20 @@ class GriffinLim:
         )
 
 
+def postfilter(features: Tensor, contrast: float) -> Tensor:
+    """Stretch dB features ``(..., F, N)`` about each frame's mean over ``F`` by ``contrast``.
+
+    Autoencoders over-smooth spectra (flatter peaks and valleys than speech has); expanding each
+    frame's contrast, as speech codecs' post-filters do, restores some of it. 1 returns the input.
+    """
+    if not contrast > 0:
+        raise VqkitError(f"codec.postfilter must be positive, got {contrast}")
+    if contrast == 1.0:
+        return features
+    mean = features.mean(dim=-2, keepdim=True)
+    return mean + contrast * (features - mean)
+
+
 def make_synthesiser(
     config: CodecConfig, frontend: Frontend, iters: int | None = None
 ) -> Synthesiser:

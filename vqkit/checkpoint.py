@@ -27,6 +27,7 @@ from vqkit.config import Config, config_from_dict, config_to_dict
 from vqkit.errors import VqkitError
 from vqkit.files import atomic_path
 from vqkit.model import Autoencoder, build_model
+from vqkit.normalise import Normaliser
 
 FORMAT = "vqkit-checkpoint"
 FORMAT_VERSION = 1
@@ -119,6 +120,27 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
         optimizer=optimizer,
         scheduler=scheduler,
     )
+
+
+def checkpoint_normaliser(checkpoint: Checkpoint, n_bins: int | None = None) -> Normaliser:
+    """The normaliser the model was trained with, from the statistics saved beside its weights.
+
+    ``n_bins`` (when given) is the feature count the statistics must have.
+    """
+    kind = checkpoint.config.features.normalise
+    if kind != "meanstd":
+        return Normaliser(kind)
+    if not {"norm.mean", "norm.std"} <= set(checkpoint.tensors):
+        raise VqkitError("the checkpoint lacks the normaliser's norm.mean and norm.std")
+    mean, std = checkpoint.tensors["norm.mean"], checkpoint.tensors["norm.std"]
+    if n_bins is not None and mean.shape != (n_bins,):
+        raise VqkitError(
+            f"the checkpoint's norm.mean has shape {tuple(mean.shape)}, not ({n_bins},): damaged"
+        )
+    try:
+        return Normaliser(kind, mean, std)
+    except ValueError as e:
+        raise VqkitError(f"the checkpoint's normaliser is damaged: {e}") from None
 
 
 def model_id(weights: dict[str, Tensor], config: Config) -> str:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from vqkit.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, check_complete
-from vqkit.checkpoint import Checkpoint, load_checkpoint, resolve_model
+from vqkit.checkpoint import Checkpoint, checkpoint_normaliser, load_checkpoint, resolve_model
 from vqkit.codefile import EncodedAudio, bits_per_code
 from vqkit.config import Config
 from vqkit.errors import VqkitError
@@ -317,19 +317,7 @@ def _normaliser(checkpoint: Checkpoint, n_bins: int) -> Normaliser:
             f"the codec needs features.normalise 'meanstd' or 'none', not '{kind}' "
             "(per-utterance min-max values are side information it does not carry)"
         )
-    if kind == "none":
-        return Normaliser(kind)
-    if not {"norm.mean", "norm.std"} <= set(checkpoint.tensors):
-        raise VqkitError("the checkpoint lacks the normaliser's norm.mean and norm.std")
-    mean, std = checkpoint.tensors["norm.mean"], checkpoint.tensors["norm.std"]
-    if mean.shape != (n_bins,):
-        raise VqkitError(
-            f"the checkpoint's norm.mean has shape {tuple(mean.shape)}, not ({n_bins},): damaged"
-        )
-    try:
-        return Normaliser(kind, mean, std)
-    except ValueError as e:
-        raise VqkitError(f"the checkpoint's normaliser is damaged: {e}") from None
+    return checkpoint_normaliser(checkpoint, n_bins)
 
 
 def _reach(net: nn.Module, channels: int, factor: int, downsampling: bool) -> int:

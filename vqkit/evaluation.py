@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqkit.checkpoint import Checkpoint, load_checkpoint, resolve_model
+from vqkit.checkpoint import Checkpoint, checkpoint_normaliser, load_checkpoint, resolve_model
 from vqkit.config import Config, config_to_dict
 from vqkit.data import FeatureCache, SegmentDataset, item_side_info
 from vqkit.errors import VqkitError
-from vqkit.features import Normaliser
 from vqkit.files import atomic_path, write_json
 from vqkit.metrics import LSD_FLOOR_DB, spectral_distortion_db
 from vqkit.model import Autoencoder, AutoencoderOutput
@@ -188,7 +187,7 @@ def evaluate_run(
     dataset = SegmentDataset(cache, split, eval_frames(config), train=False)
     if len(dataset) == 0:
         raise VqkitError(f"{cache.root} has no '{split}' items to evaluate")
-    dataset.normaliser = training_normaliser(checkpoint)
+    dataset.normaliser = checkpoint_normaliser(checkpoint)
     model = checkpoint.model.to(device)
     metrics = evaluate(model, dataset, config, torch.device(device), n_items=len(dataset))
     out = Path(out)
@@ -253,13 +252,6 @@ def check_compatible(checkpoint: Checkpoint, cache: FeatureCache, path: Path) ->
         raise VqkitError(
             f"{path} takes images of {channels} channels; {cache.root} holds {rows[0]['shape'][0]}"
         )
-
-
-def training_normaliser(checkpoint: Checkpoint) -> Normaliser:
-    """The normaliser of the data the model was trained on (its mean and std are saved with it)."""
-    tensors = checkpoint.tensors
-    mean, std = tensors.get("norm.mean"), tensors.get("norm.std")
-    return Normaliser(checkpoint.config.features.normalise, mean=mean, std=std)
 
 
 def _side(dataset: SegmentDataset, indices: list[int]) -> Tensor:

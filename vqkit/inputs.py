@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from vqkit.audio import read_audio
-from vqkit.checkpoint import Checkpoint, load_checkpoint, resolve_model
+from vqkit.checkpoint import Checkpoint, checkpoint_normaliser, load_checkpoint, resolve_model
 from vqkit.config import Config
 from vqkit.data import MANIFEST, FeatureCache, item_side_info, read_manifest
 from vqkit.errors import VqkitError
@@ -63,16 +63,6 @@ def load_spectrogram_model(model: str | os.PathLike) -> SpectrogramModel:
         raise VqkitError(f"{model} takes only inputs of one fixed size (model.dense_dim > 0)")
     frontend = make_frontend(config.features, config.audio.sample_rate)
     return SpectrogramModel(checkpoint, frontend, checkpoint_normaliser(checkpoint), str(model))
-
-
-def checkpoint_normaliser(checkpoint: Checkpoint) -> Normaliser:
-    """The normaliser the model was trained with, from the statistics stored in the checkpoint."""
-    kind = checkpoint.config.features.normalise
-    if kind != "meanstd":
-        return Normaliser(kind)
-    if not {"norm.mean", "norm.std"} <= set(checkpoint.tensors):
-        raise VqkitError("the checkpoint lacks the normaliser's norm.mean and norm.std")
-    return Normaliser(kind, checkpoint.tensors["norm.mean"], checkpoint.tensors["norm.std"])
 
 
 def parse_cache_ref(text: str) -> tuple[Path, str] | None:

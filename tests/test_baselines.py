@@ -107,6 +107,7 @@ def test_oracle_is_near_transparent_on_true_magnitudes():
         sample_rate=RATE,
         frontend=make_frontend(config.features, RATE),
         checkpoint=SimpleNamespace(config=config),
+        parametric=False,
     )
     x = speech(7, seconds=1.2)
     out = baselines.Oracle(codec).run(x, RATE)

@@ -155,7 +155,9 @@ class Opus:
 
 class Oracle:
     """The ceiling of the resynthesis path: the true features through the model's own front end,
-    back to linear magnitude, then Griffin-Lim with the model's iterations and momentum."""
+    then its synthesis. For a spectrogram model, back to linear magnitude and Griffin-Lim with the
+    model's iterations and momentum; for a parametric one, the unquantised envelope, F0 and
+    voicing through the harmonic-plus-noise synthesiser."""
 
     family = "oracle"
     narrowband = False
@@ -163,15 +165,25 @@ class Oracle:
 
     def __init__(self, codec: Any) -> None:
         self.codec = codec
-        self.name = "oracle-griffinlim"
+        self.name = "oracle-harmonic" if codec.parametric else "oracle-griffinlim"
 
     def run(self, wave: np.ndarray, sample_rate: int) -> Output:
         from vqkit.features import griffin_lim
+        from vqkit.parametric import fill_unvoiced
+        from vqkit.synthesis import make_synthesiser
 
         config = self.codec.checkpoint.config
         rate = self.codec.sample_rate
         x = torch.from_numpy(resample(wave, sample_rate, rate))[None]
         start = time.perf_counter()
+        if self.codec.parametric:
+            with torch.no_grad():
+                envelope, f0, voiced = self.codec.frontend.analyse(x)
+                middle = time.perf_counter()
+                synthesiser = make_synthesiser(config.codec, self.codec.frontend)
+                y = synthesiser.synthesise(envelope, fill_unvoiced(f0, voiced), voiced, x.shape[1])
+            end = time.perf_counter()
+            return Output(y[0].numpy(), rate, None, None, middle - start, end - middle)
         with torch.no_grad():
             magnitude = self.codec.frontend.to_magnitude(self.codec.frontend(x))
             middle = time.perf_counter()
@@ -214,7 +226,7 @@ class Model:
         middle = time.perf_counter()
         y = self.codec.decode(encoded)
         end = time.perf_counter()
-        codes = np.asarray(encoded.codes)
+        codes = np.asarray(encoded.codes)[len(self.codec.side) :]  # the VQ stages
         payload = int(encoded.payload_size())  # packed codes, without the file's header
         y = np.asarray(y, dtype=np.float32)
         return Output(y, sample_rate, len(data), payload, middle - start, end - middle, codes)

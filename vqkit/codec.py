@@ -1,5 +1,11 @@
 """The speech codec: audio -> residual-VQ codes in a ``.vqc`` file -> audio.
 
+Two model families are codecs. A spectrogram model (``stft`` or ``mel`` features) codes the
+spectrogram and is heard through Griffin-Lim. A parametric model (``envelope`` features,
+:mod:`vqkit.parametric`) codes the spectral envelope, and its code frames also carry pitch and
+voicing codes before the envelope stages (:func:`vqkit.parametric.side_codebooks`), counted in
+the bitrate; the harmonic-plus-noise synthesiser makes the waveform.
+
 Encoding streams: audio is read in blocks, resampled to the model's rate by a streaming soxr
 resampler, and the encoder runs on chunks of ``codec.chunk_seconds`` with margins of context that
 cover its receptive field (measured once from the model's gradients) and are then discarded, so
@@ -31,6 +37,7 @@ from vqkit.errors import VqkitError
 from vqkit.features import make_frontend
 from vqkit.files import atomic_path, atomic_write_bytes
 from vqkit.normalise import Normaliser
+from vqkit.parametric import EnvelopeFrontend, pitch_codes, pitch_from_codes, side_codebooks
 from vqkit.synthesis import make_synthesiser, postfilter, synthesise_chunked
 
 BLOCK_FRAMES = 65536  # audio samples read (and resampled) at a time
@@ -54,6 +61,9 @@ class Codec:
         self.downsample = model.downsample  # feature frames per code frame
         self.n_codebooks = model.bottleneck.n_codebooks
         self.codebook_size = model.bottleneck.codebook_size
+        self.parametric = isinstance(self.frontend, EnvelopeFrontend)
+        # pitch and voicing codebooks, stored before the envelope stages
+        self.side = side_codebooks(self.downsample) if self.parametric else ()
         seconds = config.codec.chunk_seconds if chunk_seconds is None else chunk_seconds
         self.chunk_codes = max(1, round(seconds * self.frame_rate))  # code frames per chunk
 
@@ -64,9 +74,14 @@ class Codec:
 
     @property
     def bitrates(self) -> list[float]:
-        """kbit/s of the codes with 1..n_codebooks stages (frame rate x stages x bits)."""
-        bits = bits_per_code(self.codebook_size)
-        return [self.frame_rate * q * bits / 1000 for q in range(1, self.n_codebooks + 1)]
+        """kbit/s of the codes with 1..n_codebooks stages: frame rate x (stages x bits + the
+        pitch and voicing bits)."""
+        bits, side = bits_per_code(self.codebook_size), sum(map(bits_per_code, self.side))
+        return [self.frame_rate * (q * bits + side) / 1000 for q in range(1, self.n_codebooks + 1)]
+
+    def codebook_sizes(self, n_stages: int) -> tuple[int, ...]:
+        """Codebook sizes of the code rows in a file with ``n_stages`` envelope stages."""
+        return self.side + (self.codebook_size,) * n_stages
 
     def n_stages(self, bitrate: float | None) -> int:
         """The most stages whose bitrate is at most ``bitrate`` kbit/s (all when None)."""
@@ -124,7 +139,7 @@ class Codec:
             n_frames=self.frontend.n_frames(n_samples),
             length=length[0],
             orig_sample_rate=sample_rate,
-            codebook_sizes=(self.codebook_size,) * n_stages,
+            codebook_sizes=self.codebook_sizes(n_stages),
             codes=codes,
             gain_db=gain_db,
         )
@@ -191,9 +206,17 @@ class Codec:
                 stop, last = min(stop, math.ceil(n_frames / d)), min(last, n_frames)
             begin = max(0, first - context) * hop  # a frame boundary, so frames line up
             buffer, offset = buffer[begin - offset :], begin
-            features = self.frontend(torch.from_numpy(buffer[: needed - begin])[None])
-            x = self.normaliser.normalise(features[..., first - begin // hop : last - begin // hop])
+            wave = torch.from_numpy(buffer[: needed - begin])[None]
+            frames = slice(first - begin // hop, last - begin // hop)
+            if self.parametric:
+                features, f0, voiced = self.frontend.analyse(wave)
+                side = pitch_codes(f0[:, frames], voiced[:, frames], d)[0]
+            else:
+                features, side = self.frontend(wave), torch.zeros(0, 0, dtype=torch.long)
+            x = self.normaliser.normalise(features[..., frames])
             codes = self.model.encode(x, n_stages)[0]  # (Q, L)
+            if self.parametric:
+                codes = torch.cat([side, codes])
             chunks.append(codes[:, start - first // d : stop - first // d].numpy())
             start = stop
         return np.concatenate(chunks, axis=1), total
@@ -201,6 +224,7 @@ class Codec:
     def _decode_features(self, codes: Tensor, n_frames: int) -> Iterator[Tensor]:
         """Features in dB ``(F, N_i)`` of codes ``(Q, N')``, chunk by chunk, ``n_frames`` in all."""
         d, margin, n_codes = self.downsample, self.margins[1], codes.shape[1]
+        side, codes = codes[: len(self.side)], codes[len(self.side) :]
         for start in range(0, n_codes, self.chunk_codes):
             stop = min(start + self.chunk_codes, n_codes)
             first, last = max(0, start - margin), min(n_codes, stop + margin)
@@ -209,6 +233,9 @@ class Codec:
                 no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
                 x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
                 x_hat = postfilter(x_hat, self.config.codec.postfilter)
+                if self.parametric:  # F0 and voicing become the last two rows
+                    f0, voiced = pitch_from_codes(side[None, :, first:last], d, x_hat.shape[-1])
+                    x_hat = torch.cat([x_hat, f0, voiced])
             yield x_hat[:, (start - first) * d : min(stop * d, n_frames) - first * d]
 
     def _check_encoded(self, encoded: EncodedAudio) -> None:
@@ -220,8 +247,8 @@ class Codec:
         expected = math.ceil(encoded.n_frames / self.downsample)
         if (
             (encoded.sample_rate, encoded.hop_length) != (self.sample_rate, self.hop_length)
-            or encoded.n_stages > self.n_codebooks
-            or set(encoded.codebook_sizes) != {self.codebook_size}
+            or not len(self.side) < encoded.n_stages <= len(self.side) + self.n_codebooks
+            or encoded.codebook_sizes != self.codebook_sizes(encoded.n_stages - len(self.side))
             or encoded.codes.shape[1] != expected
         ):
             raise VqkitError(
@@ -249,7 +276,7 @@ def encode_file(
     encoded = codec.encode_blocks(blocks, sample_rate, n_stages, gain)
     data = encoded.to_bytes()
     atomic_write_bytes(output, data)
-    return f"{output}: {encoded.n_stages} stages, {_rates(encoded, len(data))}"
+    return f"{output}: {n_stages} stages, {_rates(encoded, len(data))}"
 
 
 def decode_file(
@@ -278,7 +305,8 @@ def decode_file(
     ):
         for block in blocks:
             sink.write(np.clip(block, -1.0, 1.0))
-    return f"{output}: {encoded.n_stages} stages decoded, {_rates(encoded, len(data))}"
+    n_stages = encoded.n_stages - len(codec.side)
+    return f"{output}: {n_stages} stages decoded, {_rates(encoded, len(data))}"
 
 
 def _rates(encoded: EncodedAudio, n_bytes: int) -> str:
@@ -299,7 +327,7 @@ def _check_model(config: Config, model: nn.Module) -> None:
         raise VqkitError(
             f"the codec needs a conv1d model (codes over time), not {config.model.kind}"
         )
-    if config.features.kind not in ("stft", "mel"):
+    if config.features.kind not in ("stft", "mel", "envelope"):
         raise VqkitError(f"features.kind '{config.features.kind}' cannot be turned back into audio")
     if bits_per_code(model.bottleneck.codebook_size) > 16:
         raise VqkitError("the code file holds codebooks of at most 65536 entries")

@@ -14,9 +14,11 @@ Layout (all integers little-endian)::
 
 Header keys: ``id`` model id (16 hex digits), ``sr`` model sample rate (Hz), ``hop`` hop length
 (samples at ``sr``), ``n`` feature frames, ``t`` code frames, ``len`` original length (samples
-at ``osr``), ``osr`` original sample rate, ``q`` residual stages stored, ``k`` codebook size (one
-int for all stages, or a list of ``q``), and optionally ``g``, the gain in whole dB that the
-encoder applied (side information; absent means 0).
+at ``osr``), ``osr`` original sample rate, ``q`` code rows stored, ``k`` codebook size (one
+int for all rows, or a list of ``q``), and optionally ``g``, the gain in whole dB that the
+encoder applied (side information; absent means 0). A spectrogram model's rows are its residual
+stages; a parametric model's first rows are its pitch and voicing codes
+(:func:`vqkit.parametric.side_codebooks`), then its envelope stages.
 
 This module is numpy only: it reads and writes bytes and never needs the model.
 """

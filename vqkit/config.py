@@ -33,6 +33,7 @@ class FeatureConfig:
     """The spectral front end (see :mod:`vqkit.features`)."""
 
     # stft (log-magnitude dB) | mel (log-mel dB) | ratek (Codec 2 rate-K) | image
+    # | envelope (pitch-adaptive envelope at rate_k points, with F0 and voicing: vqkit.parametric)
     kind: str = "stft"
     n_fft: int = 512
     hop_length: int = 128
@@ -119,7 +120,7 @@ class TrainConfig:
 class CodecConfig:
     """Encoding to and decoding from ``.vqc`` files (see :mod:`vqkit.codec`)."""
 
-    synthesis: str = "griffinlim"
+    synthesis: str = "griffinlim"  # griffinlim (stft, mel) | harmonic (envelope)
     gl_iters: int = 32
     gl_momentum: float = 0.99
     chunk_seconds: float = 20.0
@@ -127,6 +128,7 @@ class CodecConfig:
     # Post-filter: decoded dB spectra are stretched about each frame's mean by this factor before
     # synthesis, undoing some of the decoder's over-smoothing; 1 turns it off.
     postfilter: float = 1.0
+    noise_voiced: float = 0.03  # harmonic: noise gain in voiced frames (1 in unvoiced ones)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 DB_FLOOR = -100.0  # dB value of silence: amplitude floor 1e-5, power floor 1e-10
-KINDS = ("stft", "mel", "ratek")
+KINDS = ("stft", "mel", "ratek", "envelope")
 CODEC2_FMIN, CODEC2_FMAX = 200.0, 3700.0  # rate-K sampling range of Codec 2 700C
 LIFTER_SECONDS = 0.002  # cepstral lifter cutoff for the rate-K envelope
 MAX_N_FFT = 65536  # over a second at 48 kHz; a larger value is a damaged config, not a choice
@@ -225,6 +225,10 @@ def make_frontend(features: FeatureConfig, sample_rate: int) -> Frontend:
     if features.kind == "mel":
         fmax = features.fmax or sample_rate / 2
         return MelFrontend(*stft_args, features.n_mels, features.fmin, fmax)
+    if features.kind == "envelope":
+        from vqkit.parametric import EnvelopeFrontend  # it builds on this module
+
+        return EnvelopeFrontend(*stft_args, features.rate_k)
     fmin, fmax = features.fmin or CODEC2_FMIN, features.fmax or CODEC2_FMAX
     if fmax >= sample_rate / 2:
         raise VqkitError(f"ratek fmax={fmax} Hz must be below sample_rate / 2 = {sample_rate / 2}")

@@ -1,9 +1,10 @@
 """Waveform synthesis from decoded features: the codec's last stage, chosen per model.
 
-A synthesiser turns features in dB ``(B, F, N)`` into a waveform ``(B, T)``. Today there is one,
-Griffin-Lim on the linear magnitude (``codec.synthesis = "griffinlim"``); a learned vocoder
-(harmonic plus noise, say) would be another class with the same call, registered in
-:func:`make_synthesiser`, and neither the ``.vqc`` format nor the CLI would change.
+A synthesiser turns features ``(B, F, N)`` into a waveform ``(B, T)``. There are two, each
+registered in :func:`make_synthesiser`: Griffin-Lim on the linear magnitude of ``stft`` and
+``mel`` features (``codec.synthesis = "griffinlim"``), and the harmonic-plus-noise synthesiser of
+``envelope`` features, whose rows are the envelope in dB, F0 and voicing
+(``"harmonic"``, :class:`vqkit.parametric.HarmonicNoise`).
 
 :func:`synthesise_chunked` runs any synthesiser on overlapping windows of a feature stream and
 joins them with a crossfade, so memory stays bounded however long the recording.
@@ -22,17 +23,19 @@ from torch import Tensor
 from vqkit.config import CodecConfig
 from vqkit.errors import VqkitError
 from vqkit.features import Frontend, griffin_lim
+from vqkit.parametric import EnvelopeFrontend, HarmonicNoise
 
-SYNTHESISERS = ("griffinlim",)
+SYNTHESISERS = ("griffinlim", "harmonic")
 
 
 class Synthesiser(Protocol):
-    """Features in dB ``(B, F, N)`` -> waveform ``(B, T)`` with ``T = length``; frame ``i`` is
-    centred on sample ``i * hop_length``."""
+    """Features ``(B, F, N)`` -> waveform ``(B, T)`` with ``T = length``; frame ``i`` is centred
+    on sample ``i * hop_length``. ``first_frame`` is where the features start in a longer stream
+    synthesised window by window, for synthesisers that keep a phase going across windows."""
 
     hop_length: int
 
-    def __call__(self, features: Tensor, length: int) -> Tensor: ...
+    def __call__(self, features: Tensor, length: int, first_frame: int = 0) -> Tensor: ...
 
 
 class GriffinLim:
@@ -44,7 +47,7 @@ class GriffinLim:
         self.frontend, self.n_iter, self.momentum = frontend, n_iter, momentum
         self.hop_length = frontend.hop_length
 
-    def __call__(self, features: Tensor, length: int) -> Tensor:
+    def __call__(self, features: Tensor, length: int, first_frame: int = 0) -> Tensor:
         magnitude = self.frontend.to_magnitude(features)
         return griffin_lim(
             magnitude,
@@ -75,6 +78,13 @@ def make_synthesiser(
     config: CodecConfig, frontend: Frontend, iters: int | None = None
 ) -> Synthesiser:
     """The synthesiser ``config.synthesis`` names; ``iters`` overrides ``config.gl_iters``."""
+    if (config.synthesis == "harmonic") != isinstance(frontend, EnvelopeFrontend):
+        raise VqkitError(
+            f"codec.synthesis '{config.synthesis}' does not fit these features: 'harmonic' "
+            "synthesises envelope features, 'griffinlim' stft and mel ones"
+        )
+    if config.synthesis == "harmonic":
+        return HarmonicNoise(frontend, config.noise_voiced)
     if config.synthesis == "griffinlim":
         return GriffinLim(frontend, config.gl_iters if iters is None else iters, config.gl_momentum)
     raise VqkitError(
@@ -120,7 +130,7 @@ def synthesise_chunked(
         last = min(n_frames, (k + 1) * window_frames + margin)  # frames [first, last)
         reach = length if last == n_frames else (last - 1) * hop + 1
         with torch.inference_mode():
-            wave = synthesiser(buffer.take(first, last)[None], reach - first * hop)[0]
+            wave = synthesiser(buffer.take(first, last)[None], reach - first * hop, first)[0]
         wave = wave.numpy()  # samples [first * hop, reach)
         boundary = min((k + 1) * window_frames * hop, length)
         end = length if boundary == length else boundary - fade  # emit [start, end)

@@ -1,0 +1,303 @@
+"""The parametric model's analysis, pitch and voicing codes, and harmonic-plus-noise synthesis."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import synth_utterance
+
+from vqkit.baselines import Oracle
+from vqkit.checkpoint import load_checkpoint, save_checkpoint
+from vqkit.cli import main
+from vqkit.codec import Codec, load_codec
+from vqkit.config import Config, load_config
+from vqkit.errors import VqkitError
+from vqkit.features import make_frontend
+from vqkit.model import build_model
+from vqkit.parametric import (
+    F0_MAX,
+    F0_MIN,
+    PITCH_BITS,
+    EnvelopeFrontend,
+    HarmonicNoise,
+    fill_unvoiced,
+    pitch_codes,
+    pitch_from_codes,
+    side_codebooks,
+)
+from vqkit.synthesis import make_synthesiser
+
+RATE = 16000
+HOP = 160
+STEP = math.log(F0_MAX / F0_MIN) / (2**PITCH_BITS - 1)  # one log-F0 code
+
+
+@pytest.fixture(scope="module")
+def frontend() -> EnvelopeFrontend:
+    return EnvelopeFrontend(RATE, 1024, HOP, 640, 40)
+
+
+def harmonic_tone(f0: float, seconds: float = 0.5, n_harmonics: int = 20) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    wave = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, n_harmonics + 1))
+    return (0.3 * wave / np.abs(wave).max()).astype(np.float32)
+
+
+@pytest.mark.parametrize("f0", [70.0, 120.0, 210.0, 380.0])
+def test_yin_tracks_the_pitch_of_a_harmonic_tone(frontend: EnvelopeFrontend, f0: float) -> None:
+    _, track, voiced = frontend.analyse(torch.from_numpy(harmonic_tone(f0)))
+    inner = slice(5, -5)  # away from the zero padding at the edges
+    assert voiced[0, inner].all()
+    np.testing.assert_allclose(track[0, inner].numpy(), f0, rtol=0.01)
+
+
+def test_noise_and_silence_are_unvoiced(frontend: EnvelopeFrontend) -> None:
+    noise = np.random.default_rng(0).normal(0, 0.1, RATE // 2).astype(np.float32)
+    silence = np.zeros(RATE // 2, dtype=np.float32)
+    _, _, voiced = frontend.analyse(torch.from_numpy(np.stack([noise, silence])))
+    assert voiced[0].mean() < 0.05 and not voiced[1].any()
+
+
+def test_analysis_is_frame_local(frontend: EnvelopeFrontend) -> None:
+    """A chunk with a little context gives the same frames as the whole signal (the codec
+    analyses chunk by chunk)."""
+    rng = np.random.default_rng(1)
+    wave = np.concatenate([harmonic_tone(f) for f in (100, 180, 260)])
+    wave += 0.01 * rng.standard_normal(wave.shape).astype(np.float32)
+    whole = frontend.analyse(torch.from_numpy(wave))
+    first, last, context = 40, 90, 8  # frames
+    part = frontend.analyse(
+        torch.from_numpy(wave[(first - context) * HOP : (last + context) * HOP])
+    )
+    for a, b in zip(whole, part, strict=True):
+        torch.testing.assert_close(a[..., first:last], b[..., context : context + last - first])
+
+
+def test_envelope_follows_the_level(frontend: EnvelopeFrontend) -> None:
+    tone = torch.from_numpy(harmonic_tone(150))
+    loud, f0, voiced = frontend.analyse(tone)
+    quiet = frontend.envelope(tone[None] * 0.1, f0, voiced)
+    difference = (loud - quiet)[..., 5:-5]
+    assert torch.all(difference[loud[..., 5:-5] > -50] - 20 < 0.01)  # 20 dB down, floor aside
+
+
+@pytest.mark.parametrize("f0", [100.0, 230.0])
+def test_resynthesis_keeps_level_and_pitch(frontend: EnvelopeFrontend, f0: float) -> None:
+    synthesiser = HarmonicNoise(frontend, noise_voiced=0.0)
+    tone = harmonic_tone(f0, seconds=1.0)
+    envelope, track, voiced = frontend.analyse(torch.from_numpy(tone))
+    out = synthesiser.synthesise(envelope, track, voiced, len(tone))[0].numpy()
+    inner = slice(RATE // 10, -RATE // 10)
+    level = 10 * np.log10(np.mean(out[inner] ** 2) / np.mean(tone[inner] ** 2))
+    assert abs(level) < 1.0
+    _, track_out, _ = frontend.analyse(torch.from_numpy(out))
+    np.testing.assert_allclose(track_out[0, 10:-10].numpy(), f0, rtol=0.01)
+
+
+def test_noise_is_resynthesised_at_its_level(frontend: EnvelopeFrontend) -> None:
+    noise = np.random.default_rng(2).normal(0, 0.05, RATE).astype(np.float32)
+    envelope, track, voiced = frontend.analyse(torch.from_numpy(noise))
+    out = HarmonicNoise(frontend, 0.03).synthesise(envelope, track, voiced * 0, len(noise))
+    level = 10 * np.log10(out[0].square().mean().item() / np.mean(noise**2))
+    assert abs(level) < 1.0
+
+
+def test_synthesis_is_differentiable_and_deterministic(frontend: EnvelopeFrontend) -> None:
+    synthesiser = HarmonicNoise(frontend, 0.03)
+    tone = torch.from_numpy(harmonic_tone(160, 0.3))
+    envelope, track, voiced = frontend.analyse(tone)
+    envelope.requires_grad_(True)
+    out = synthesiser.synthesise(envelope, track, voiced, tone.shape[0])
+    (grad,) = torch.autograd.grad(out.square().sum(), envelope)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    again = synthesiser(torch.cat([envelope, track[:, None], voiced[:, None]], 1), tone.shape[0])
+    torch.testing.assert_close(out, again)
+
+
+def test_pitch_codes_round_trip() -> None:
+    rng = np.random.default_rng(3)
+    n = 37  # not a multiple of the code frame
+    f0 = torch.from_numpy(np.exp(rng.uniform(np.log(60), np.log(450), (2, n)))).float()
+    voiced = torch.from_numpy(rng.random((2, n)) < 0.7).float()
+    codes = pitch_codes(f0, voiced, 4)
+    assert codes.shape == (2, 3, math.ceil(n / 4))
+    assert (codes < torch.tensor(side_codebooks(4))[:, None]).all() and (codes >= 0).all()
+    f0_hat, voiced_hat = pitch_from_codes(codes, 4, n)
+    torch.testing.assert_close(voiced_hat, voiced)
+    # A share of two frames with one voiced frame (or steady pitch) comes back within a code.
+    steady = torch.full((1, 16), 123.0)
+    f0_hat, _ = pitch_from_codes(pitch_codes(steady, torch.ones(1, 16), 4), 4, 16)
+    assert torch.all((f0_hat.log() - math.log(123.0)).abs() <= STEP / 2 + 1e-6)
+
+
+def test_pitch_codes_depend_on_their_own_frames_only() -> None:
+    f0, voiced = torch.full((1, 16), 200.0), torch.ones(1, 16)
+    voiced[0, 8:] = 0
+    codes = pitch_codes(f0, voiced, 4)
+    assert codes[0, :2, 2:].eq(0).all()  # unvoiced shares code 0
+    assert codes[0, 2].tolist() == [15, 15, 0, 0]  # voicing bits, first frame first
+    f0_hat, _ = pitch_from_codes(codes, 4, 16)
+    torch.testing.assert_close(f0_hat[0, 8:], f0_hat[0, 7:8].expand(8))  # held, not 50 Hz
+
+
+def test_fill_unvoiced() -> None:
+    f0 = torch.tensor([[100.0, 999.0, 400.0, 999.0], [999.0, 999.0, 999.0, 999.0]])
+    voiced = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 0]])
+    filled = fill_unvoiced(f0, voiced)
+    torch.testing.assert_close(filled[0], torch.tensor([100.0, 200.0, 400.0, 400.0]))
+    assert filled[1].eq(filled[1, 0]).all()
+
+
+def test_side_codebooks_need_an_even_factor() -> None:
+    assert side_codebooks(4) == (128, 128, 16) and side_codebooks(2) == (128, 4)
+    with pytest.raises(VqkitError, match="divisible by 2"):
+        side_codebooks(3)
+
+
+def test_envelope_frontend_from_config_and_synthesiser_choice() -> None:
+    config = load_config(None, ["features.kind='envelope'", "features.rate_k=30"])
+    frontend = make_frontend(config.features, RATE)
+    assert isinstance(frontend, EnvelopeFrontend) and frontend.n_bins == 30
+    assert frontend(torch.zeros(RATE // 10)).shape == (1, 30, 1 + RATE // 10 // 128)
+    with pytest.raises(VqkitError, match="does not fit these features"):
+        make_synthesiser(config.codec, frontend)  # griffinlim cannot invert an envelope
+    harmonic = load_config(None, ["features.kind='envelope'", "codec.synthesis='harmonic'"])
+    assert isinstance(make_synthesiser(harmonic.codec, frontend), HarmonicNoise)
+    stft = make_frontend(load_config(None, []).features, RATE)
+    with pytest.raises(VqkitError, match="does not fit these features"):
+        make_synthesiser(harmonic.codec, stft)
+
+
+# The codec with a tiny random-weight parametric model (no training needed).
+
+CODEC_RATE = 8000
+K = 20
+
+
+def tiny_parametric_config(*overrides: str) -> Config:
+    return load_config(
+        None,
+        [
+            f"audio.sample_rate={CODEC_RATE}",
+            "features.kind='envelope'",
+            "features.n_fft=512",
+            "features.win_length=320",
+            "features.hop_length=80",
+            f"features.rate_k={K}",
+            "model.hidden=32",
+            "model.latent_dim=16",
+            "model.n_res_blocks=1",
+            "model.downsample=4",
+            "bottleneck.kind='rvq'",
+            "bottleneck.n_codebooks=4",
+            "bottleneck.codebook_size=64",
+            "bottleneck.codebook_dim=8",
+            "codec.synthesis='harmonic'",
+            "codec.chunk_seconds=0.2",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    """1.5 s of speech-like audio at 8 kHz with an odd length."""
+    rng = np.random.default_rng(0)
+    return np.concatenate([synth_utterance(rng, 0.5, f0) for f0 in (120, 200, 160)])[:-3]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory, speech: np.ndarray) -> Path:
+    """A random-weight parametric model, its codebooks k-means initialised on the envelope of
+    ``speech`` by one training-mode pass, so its codes vary."""
+    config = tiny_parametric_config()
+    torch.manual_seed(0)
+    model = build_model(config, (K,))
+    tensors = {"norm.mean": torch.full((K,), -20.0), "norm.std": torch.full((K,), 15.0)}
+    envelope = make_frontend(config.features, CODEC_RATE)(torch.from_numpy(speech)[None])
+    with torch.no_grad():
+        model.train()((envelope + 20.0) / 15.0)
+    path = tmp_path_factory.mktemp("parametric") / "tiny.safetensors"
+    save_checkpoint(path, model, config, tensors=tensors, meta={"in_shape": [K]})
+    return path
+
+
+def test_bitrate_counts_pitch_and_voicing(model_path: Path, speech: np.ndarray) -> None:
+    codec = load_codec(model_path)
+    frame_rate = CODEC_RATE / 80 / 4  # 25 code frames/s: 6 bits a stage, 7 + 7 + 4 side bits
+    assert codec.bitrates == pytest.approx([frame_rate * (6 * q + 18) / 1000 for q in (1, 2, 3, 4)])
+    encoded = codec.encode(speech, CODEC_RATE, bitrate=codec.bitrates[1])
+    assert encoded.codebook_sizes == (128, 128, 16, 64, 64)
+    payload_kbps = encoded.payload_size() * 8 / encoded.duration / 1000
+    assert payload_kbps == pytest.approx(codec.bitrates[1], rel=0.03)
+    voicing = encoded.codes[2]
+    assert 15 in voicing and (voicing < 15).any()  # voiced frames, and the silent edges not
+    assert len(np.unique(encoded.codes[3])) > 3
+
+
+def test_chunked_codec_equals_whole(model_path: Path, speech: np.ndarray) -> None:
+    checkpoint = load_checkpoint(model_path)
+    chunked, whole = Codec(checkpoint, chunk_seconds=0.16), Codec(checkpoint, chunk_seconds=1e6)
+    encoded = whole.encode(speech, CODEC_RATE)
+    assert (chunked.encode(speech, CODEC_RATE).codes == encoded.codes).mean() >= 0.99
+    wave_whole, wave_chunked = whole.decode(encoded), chunked.decode(encoded)
+    assert wave_whole.shape == wave_chunked.shape == speech.shape
+    # Chunks are crossfaded over a few frames: the audio matches away from the joins.
+    assert np.corrcoef(wave_whole, wave_chunked)[0, 1] > 0.9
+
+
+def test_cli_round_trip_and_oracle(
+    tmp_path: Path, model_path: Path, speech: np.ndarray, capsys: pytest.CaptureFixture
+) -> None:
+    sf.write(tmp_path / "in.wav", speech, 16000, subtype="PCM_16")  # resampled to 8 kHz
+    assert (
+        main(
+            [
+                "encode",
+                str(tmp_path / "in.wav"),
+                str(tmp_path / "x.vqc"),
+                "--model",
+                str(model_path),
+                "--bitrate",
+                "0.6",
+            ]
+        )
+        == 0
+    )
+    assert "1 stages" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "decode",
+                str(tmp_path / "x.vqc"),
+                str(tmp_path / "out.wav"),
+                "--model",
+                str(model_path),
+            ]
+        )
+        == 0
+    )
+    assert "1 stages decoded" in capsys.readouterr().out
+    out, rate = sf.read(tmp_path / "out.wav")
+    assert (len(out), rate) == (len(speech), 16000) and np.abs(out).max() > 0.01
+    oracle = Oracle(load_codec(model_path))
+    assert oracle.name == "oracle-harmonic"
+    result = oracle.run(speech, CODEC_RATE)
+    assert result.wave.shape == speech.shape and result.sample_rate == CODEC_RATE
+
+
+def test_a_spectrogram_model_refuses_parametric_codes(
+    tmp_path: Path, model_path: Path, speech: np.ndarray
+) -> None:
+    encoded = load_codec(model_path).encode(speech, CODEC_RATE, bitrate=0.6)
+    other = load_config(None, ["bottleneck.kind='rvq'", "bottleneck.n_codebooks=5"])
+    spectrogram = Codec(load_checkpoint(model_path))
+    object.__setattr__(spectrogram, "side", ())  # as a spectrogram model sees the file
+    with pytest.raises(VqkitError, match="does not fit its model"):
+        spectrogram._check_encoded(encoded)
+    assert other.bottleneck.n_codebooks == 5

@@ -210,13 +210,12 @@ class Codec:
             frames = slice(first - begin // hop, last - begin // hop)
             if self.parametric:
                 features, f0, voiced = self.frontend.analyse(wave)
-                side = pitch_codes(f0[:, frames], voiced[:, frames], d)[0]
             else:
-                features, side = self.frontend(wave), torch.zeros(0, 0, dtype=torch.long)
+                features = self.frontend(wave)
             x = self.normaliser.normalise(features[..., frames])
             codes = self.model.encode(x, n_stages)[0]  # (Q, L)
-            if self.parametric:
-                codes = torch.cat([side, codes])
+            if self.parametric:  # the pitch and voicing rows go first
+                codes = torch.cat([pitch_codes(f0[:, frames], voiced[:, frames], d)[0], codes])
             chunks.append(codes[:, start - first // d : stop - first // d].numpy())
             start = stop
         return np.concatenate(chunks, axis=1), total

@@ -173,6 +173,8 @@ def test_envelope_frontend_from_config_and_synthesiser_choice() -> None:
         make_synthesiser(config.codec, frontend)  # griffinlim cannot invert an envelope
     harmonic = load_config(None, ["features.kind='envelope'", "codec.synthesis='harmonic'"])
     assert isinstance(make_synthesiser(harmonic.codec, frontend), HarmonicNoise)
+    with pytest.raises(VqkitError, match="Griffin-Lim iterations"):
+        make_synthesiser(harmonic.codec, frontend, iters=8)
     stft = make_frontend(load_config(None, []).features, RATE)
     with pytest.raises(VqkitError, match="does not fit these features"):
         make_synthesiser(harmonic.codec, stft)

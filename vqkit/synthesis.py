@@ -84,6 +84,10 @@ def make_synthesiser(
             "synthesises envelope features, 'griffinlim' stft and mel ones"
         )
     if config.synthesis == "harmonic":
+        if iters is not None:
+            raise VqkitError(
+                "--iters sets Griffin-Lim iterations; this model synthesises harmonics"
+            )
         return HarmonicNoise(frontend, config.noise_voiced)
     if config.synthesis == "griffinlim":
         return GriffinLim(frontend, config.gl_iters if iters is None else iters, config.gl_momentum)

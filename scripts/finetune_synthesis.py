@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     crops = Crops(args.cache, args.corpus, codec.sample_rate, args.seconds, args.seed + step)
 
     def save() -> None:
-        meta = {**checkpoint.meta, "finetune_step": step, "finetune": vars(args) | {"out": ""}}
-        meta["finetune"] = {k: str(v) for k, v in meta["finetune"].items()}
+        settings = {key: str(value) for key, value in vars(args).items()}
+        meta = {**checkpoint.meta, "finetune_step": step, "finetune": settings}
         save_checkpoint(
             args.out,
             model,

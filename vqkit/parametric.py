@@ -188,12 +188,7 @@ class HarmonicNoise(torch.nn.Module):
 
     def _at(self, env_db: Tensor, mel: Tensor) -> Tensor:
         """The envelope ``(B, K, N)`` in dB at mel positions ``(B, N, H)``: ``(B, N, H)``."""
-        points = self.mel_points
-        index = torch.searchsorted(points, mel.contiguous()).clamp(1, len(points) - 1)
-        lo, hi = points[index - 1], points[index]
-        frac = ((mel - lo) / (hi - lo)).clamp(0, 1)
-        env = env_db.transpose(1, 2)  # (B, N, K)
-        return torch.lerp(env.gather(-1, index - 1), env.gather(-1, index), frac)
+        return _interp(self.mel_points, env_db.transpose(1, 2), mel)
 
     def harmonics(
         self, env_db: Tensor, f0: Tensor, voiced: Tensor, length: int, start: Tensor
@@ -346,17 +341,17 @@ def pitch_from_codes(codes: Tensor, factor: int, n_frames: int) -> tuple[Tensor,
     has_voice = voiced.unflatten(-1, (-1, share)).amax(-1)
     f0 = fill_unvoiced(torch.exp(log_f0), has_voice)
     centres = torch.arange(f0.shape[-1]) * share + (share - 1) / 2
-    f0 = torch.exp(_interp_frames(torch.log(f0), centres, n_frames))
+    frames = torch.arange(n_frames, dtype=centres.dtype).expand(f0.shape[0], -1)
+    f0 = torch.exp(_interp(centres, torch.log(f0), frames))
     return f0, voiced[:, :n_frames]
 
 
-def _interp_frames(values: Tensor, centres: Tensor, n_frames: int) -> Tensor:
-    """Values ``(B, M)`` at increasing frame positions ``centres (M,)``, linearly interpolated
-    at frames ``0..n_frames - 1`` (held beyond the first and last)."""
-    if values.shape[-1] == 1:
-        return values.expand(-1, n_frames).contiguous()
-    frames = torch.arange(n_frames, dtype=centres.dtype)
-    index = torch.searchsorted(centres, frames).clamp(1, len(centres) - 1)
-    lo, hi = centres[index - 1], centres[index]
-    frac = ((frames - lo) / (hi - lo)).clamp(0, 1)
-    return torch.lerp(values[:, index - 1], values[:, index], frac)
+def _interp(knots: Tensor, values: Tensor, queries: Tensor) -> Tensor:
+    """Piecewise-linear interpolation: ``values (..., K)`` given at increasing ``knots (K,)``,
+    read at ``queries (..., Q)`` (the same leading shape), held beyond the first and last knot."""
+    if len(knots) == 1:
+        return values.expand(*queries.shape).contiguous()
+    index = torch.searchsorted(knots, queries.contiguous()).clamp(1, len(knots) - 1)
+    lo, hi = knots[index - 1], knots[index]
+    frac = ((queries - lo) / (hi - lo)).clamp(0, 1)
+    return torch.lerp(values.gather(-1, index - 1), values.gather(-1, index), frac)

@@ -85,3 +85,53 @@ def tiny_cache(
     summary = prepare(tiny_speech_dir, out, tiny_config, workers=1)
     assert summary.n_ok == len(TINY_SPEAKERS) * TINY_UTTERANCES
     return out
+
+
+# Random-weight codec models for tests that need a checkpoint but no training.
+TINY_BARE_CODEC = [  # 2 stages of 16 codes, no k-means (its codes barely vary): the fastest
+    "model.hidden=16",
+    "model.latent_dim=8",
+    "model.n_res_blocks=1",
+    "bottleneck.kind='rvq'",
+    "bottleneck.n_codebooks=2",
+    "bottleneck.codebook_size=16",
+    "bottleneck.kmeans_init=false",
+]
+TINY_RVQ_CODEC = [  # 4 stages of 64 codes on an 8-d lookup, 4x time decimation
+    "model.hidden=32",
+    "model.latent_dim=16",
+    "model.n_res_blocks=1",
+    "model.downsample=4",
+    "bottleneck.kind='rvq'",
+    "bottleneck.n_codebooks=4",
+    "bottleneck.codebook_size=64",
+    "bottleneck.codebook_dim=8",
+]
+
+
+def save_random_codec(
+    path: Path,
+    config: Config,
+    n_bins: int,
+    *,
+    seed: int = 0,
+    mean: float = -40.0,
+    std: float = 20.0,
+    kmeans_on: torch.Tensor | None = None,
+    meta: dict | None = None,
+) -> Path:
+    """Save a random-weight model of ``config`` on ``n_bins`` features as a real checkpoint
+    (safetensors, config, a fixed mean/std normaliser). ``kmeans_on``, features ``(B, n_bins, N)``
+    in dB, initialises its codebooks by one training-mode pass, so that its codes vary."""
+    from vqkit.checkpoint import save_checkpoint
+    from vqkit.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(config, (n_bins,))
+    if kmeans_on is not None:
+        with torch.no_grad():
+            model.train()((kmeans_on - mean) / std)
+    tensors = {"norm.mean": torch.full((n_bins,), mean), "norm.std": torch.full((n_bins,), std)}
+    meta = {"in_shape": [n_bins], **(meta or {})}
+    save_checkpoint(path, model, config, tensors=tensors, meta=meta)
+    return path

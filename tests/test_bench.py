@@ -12,16 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from browser import needs_chromium, screenshot
+from conftest import TINY_BARE_CODEC, save_random_codec
 from test_metrics import speechlike
 
 from vqkit import bench
 from vqkit.baselines import CODEC2_MODES, OPUS_KBPS
-from vqkit.checkpoint import save_checkpoint
 from vqkit.cli import main
 from vqkit.config import load_config
-from vqkit.model import build_model
 
 RATE = 16000
 N_BINS = 129  # n_fft 256
@@ -37,31 +35,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [
             "features.n_fft=256",
             "features.hop_length=64",
-            "model.hidden=16",
-            "model.latent_dim=8",
-            "model.n_res_blocks=1",
-            "bottleneck.kind='rvq'",
-            "bottleneck.n_codebooks=2",
-            "bottleneck.codebook_size=16",
-            "bottleneck.kmeans_init=false",
+            *TINY_BARE_CODEC,
             "codec.gl_iters=4",
         ],
     )
-    torch.manual_seed(0)
-    model = build_model(config, (N_BINS,))
     curves = [{"step": s, "split": "train", "recon": 1.0 / s} for s in range(1, 6)]
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_checkpoint(
-        path,
-        model,
-        config,
-        tensors={
-            "norm.mean": torch.full((N_BINS,), -40.0),
-            "norm.std": torch.full((N_BINS,), 20.0),
-        },
-        meta={"step": 5, "in_shape": [N_BINS], "curves": curves},
-    )
-    return path
+    return save_random_codec(path, config, N_BINS, meta={"step": 5, "curves": curves})
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import synth_utterance
+from conftest import TINY_RVQ_CODEC, save_random_codec, synth_utterance
 
 import vqkit.codec
-from vqkit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.cli import main
 from vqkit.codec import Codec, decode_file, encode_file, load_codec
 from vqkit.codefile import FORMAT_VERSION, EncodedAudio
 from vqkit.config import Config, FeatureConfig, load_config, replace
 from vqkit.errors import VqkitError
 from vqkit.features import make_frontend
-from vqkit.model import build_model
 from vqkit.synthesis import crossfade, make_synthesiser, postfilter, synthesise_chunked
 
 RATE = 8000
@@ -36,14 +35,7 @@ def tiny_config(**codec: object) -> Config:
             f"audio.sample_rate={RATE}",
             "features.n_fft=128",
             "features.hop_length=32",
-            "model.hidden=32",
-            "model.latent_dim=16",
-            "model.n_res_blocks=1",
-            "model.downsample=4",
-            "bottleneck.kind='rvq'",
-            "bottleneck.n_codebooks=4",
-            "bottleneck.codebook_size=64",
-            "bottleneck.codebook_dim=8",
+            *TINY_RVQ_CODEC,
             "bottleneck.l2_normalize=true",
             "codec.chunk_seconds=0.1",  # several chunks for any input over 0.1 s
         ],
@@ -54,16 +46,10 @@ def tiny_config(**codec: object) -> Config:
 def save_tiny(path: Path, config: Config, seed: int) -> Path:
     """A random-weight model whose codebooks are k-means initialised on speech-like features by
     one training-mode forward pass, so that its codes vary (no training)."""
-    torch.manual_seed(seed)
-    model = build_model(config, (N_BINS,))
-    tensors = {"norm.mean": torch.full((N_BINS,), -40.0), "norm.std": torch.full((N_BINS,), 20.0)}
     rng = np.random.default_rng(seed)
     wave = np.concatenate([synth_utterance(rng, 0.5, f0) for f0 in (100, 150, 220, 300)])
     features = make_frontend(config.features, RATE)(torch.from_numpy(wave)[None])
-    with torch.no_grad():
-        model.train()((features + 40.0) / 20.0)
-    save_checkpoint(path, model, config, tensors=tensors, meta={"in_shape": [N_BINS]})
-    return path
+    return save_random_codec(path, config, N_BINS, seed=seed, kmeans_on=features)
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import TINY_BARE_CODEC, save_random_codec
 
 import vqkit
-from vqkit.checkpoint import load_checkpoint, save_checkpoint
+from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
 from vqkit.codec import decode_file, encode_file
 from vqkit.config import load_config
 from vqkit.files import remove_temporaries
-from vqkit.model import build_model
 from vqkit.runlog import MetricsLog, read_metrics
 
 RECIPE = """
@@ -181,22 +181,12 @@ def tiny_model(path: Path, seed: int) -> Path:
             "audio.sample_rate=8000",
             "features.n_fft=128",
             "features.hop_length=32",
-            "model.hidden=16",
-            "model.latent_dim=8",
-            "model.n_res_blocks=1",
-            "bottleneck.kind='rvq'",
-            "bottleneck.n_codebooks=2",
-            "bottleneck.codebook_size=16",
-            "bottleneck.kmeans_init=false",
+            *TINY_BARE_CODEC,
             "codec.chunk_seconds=0.1",
             "codec.gl_iters=1",
         ],
     )
-    torch.manual_seed(seed)
-    model = build_model(config, (65,))
-    norm = {"norm.mean": torch.full((65,), -40.0), "norm.std": torch.full((65,), 20.0)}
-    save_checkpoint(path, model, config, tensors=norm, meta={"in_shape": [65]})
-    return path
+    return save_random_codec(path, config, 65, seed=seed)
 
 
 def test_kill_9_inside_every_writer(tmp_path: Path) -> None:

@@ -28,18 +28,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import TINY_BARE_CODEC, save_random_codec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vqkit.checkpoint import load_checkpoint, save_checkpoint
+from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
 from vqkit.codec import load_codec
 from vqkit.codefile import FORMAT_VERSION, MAGIC, EncodedAudio, pack_codes
 from vqkit.config import load_config
 from vqkit.errors import VqkitError
-from vqkit.model import build_model
 
 RATE = 8000
 N_BINS = 65  # n_fft 128
@@ -47,14 +47,8 @@ TINY = [
     f"audio.sample_rate={RATE}",
     "features.n_fft=128",
     "features.hop_length=32",
-    "model.hidden=16",
-    "model.latent_dim=8",
-    "model.n_res_blocks=1",
+    *TINY_BARE_CODEC,
     "model.downsample=4",
-    "bottleneck.kind='rvq'",
-    "bottleneck.n_codebooks=2",
-    "bottleneck.codebook_size=16",
-    "bottleneck.kmeans_init=false",
     "codec.gl_iters=1",
 ]
 
@@ -62,11 +56,7 @@ TINY = [
 def save_tiny(path: Path, *overrides: str, seed: int = 0, meta: dict | None = None) -> Path:
     """A random-weight codec model (a real checkpoint: safetensors, config, normaliser)."""
     config = load_config(None, [*TINY, *overrides])
-    torch.manual_seed(seed)
-    model = build_model(config, (N_BINS,))
-    norm = {"norm.mean": torch.full((N_BINS,), -40.0), "norm.std": torch.full((N_BINS,), 20.0)}
-    save_checkpoint(path, model, config, tensors=norm, meta={"in_shape": [N_BINS], **(meta or {})})
-    return path
+    return save_random_codec(path, config, N_BINS, seed=seed, meta=meta)
 
 
 @pytest.fixture(scope="module")

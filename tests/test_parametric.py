@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import synth_utterance
+from conftest import TINY_RVQ_CODEC, save_random_codec, synth_utterance
 
 from vqkit.baselines import Oracle
-from vqkit.checkpoint import load_checkpoint, resolve_model, save_checkpoint
+from vqkit.checkpoint import load_checkpoint, resolve_model
 from vqkit.cli import main
 from vqkit.codec import Codec, load_codec
 from vqkit.config import Config, load_config
 from vqkit.data import FeatureCache, prepare
 from vqkit.errors import VqkitError
 from vqkit.features import make_frontend
-from vqkit.model import build_model
 from vqkit.parametric import (
     F0_MAX,
     F0_MIN,
@@ -196,14 +195,7 @@ def tiny_parametric_config(*overrides: str) -> Config:
             "features.win_length=320",
             "features.hop_length=80",
             f"features.rate_k={K}",
-            "model.hidden=32",
-            "model.latent_dim=16",
-            "model.n_res_blocks=1",
-            "model.downsample=4",
-            "bottleneck.kind='rvq'",
-            "bottleneck.n_codebooks=4",
-            "bottleneck.codebook_size=64",
-            "bottleneck.codebook_dim=8",
+            *TINY_RVQ_CODEC,
             "codec.synthesis='harmonic'",
             "codec.chunk_seconds=0.2",
             *overrides,
@@ -223,15 +215,9 @@ def model_path(tmp_path_factory: pytest.TempPathFactory, speech: np.ndarray) -> 
     """A random-weight parametric model, its codebooks k-means initialised on the envelope of
     ``speech`` by one training-mode pass, so its codes vary."""
     config = tiny_parametric_config()
-    torch.manual_seed(0)
-    model = build_model(config, (K,))
-    tensors = {"norm.mean": torch.full((K,), -20.0), "norm.std": torch.full((K,), 15.0)}
     envelope = make_frontend(config.features, CODEC_RATE)(torch.from_numpy(speech)[None])
-    with torch.no_grad():
-        model.train()((envelope + 20.0) / 15.0)
     path = tmp_path_factory.mktemp("parametric") / "tiny.safetensors"
-    save_checkpoint(path, model, config, tensors=tensors, meta={"in_shape": [K]})
-    return path
+    return save_random_codec(path, config, K, mean=-20.0, std=15.0, kmeans_on=envelope)
 
 
 def test_bitrate_counts_pitch_and_voicing(model_path: Path, speech: np.ndarray) -> None:

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqkit.audio import read_audio
+from vqkit.audio.frontends import make_frontend
+from vqkit.audio.io import read_audio
+from vqkit.audio.synthesis import make_synthesiser
 from vqkit.checkpoint import save_checkpoint
-from vqkit.codec import Codec, load_codec
+from vqkit.codec.codec import Codec, load_codec
 from vqkit.config import load_config
-from vqkit.features import make_frontend
-from vqkit.model import build_model
-from vqkit.synthesis import make_synthesiser
+from vqkit.nn.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = sorted((ROOT / "vqkit" / "assets" / "sample").glob("*.flac"))

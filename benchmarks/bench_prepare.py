@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from vqkit.config import load_config
-from vqkit.data import FeatureCache, PrepareSummary, prepare
+from vqkit.data.cache import FeatureCache
+from vqkit.data.prepare import SHARD_ITEMS, prepare
+from vqkit.data.writer import PrepareSummary
 from vqkit.files import atomic_path
-from vqkit.prepare import SHARD_ITEMS
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 

@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from vqkit.config import load_config, replace
-from vqkit.data import FeatureCache, SegmentDataset
-from vqkit.distributed import init_distributed
-from vqkit.model import build_model
-from vqkit.runlog import read_metrics
-from vqkit.train import (
+from vqkit.data.cache import FeatureCache
+from vqkit.data.dataset import SegmentDataset
+from vqkit.nn.model import build_model
+from vqkit.train.distributed import init_distributed
+from vqkit.train.log import read_metrics
+from vqkit.train.loop import (
     input_shape,
     make_optimizer,
     make_scheduler,

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from vqkit.bottleneck import VectorQuantizer
-from vqkit.codebook import CodebookOptions, nearest
+from vqkit.nn.bottleneck import VectorQuantizer
+from vqkit.nn.codebook import CodebookOptions, nearest
 
 Method = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> (codes (M,), vectors (M, d))
 

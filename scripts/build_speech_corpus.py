@@ -26,7 +26,7 @@ import av
 import numpy as np
 import soundfile as sf
 
-from vqkit.audio import read_audio, write_audio
+from vqkit.audio.io import read_audio, write_audio
 
 SAMPLE_RATE = 16000
 ASTERISK = {"en": "train", "es": "train", "ru": "train", "it": "test", "fr": "test"}

@@ -20,13 +20,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vqkit.audio import read_audio
-from vqkit.checkpoint import load_checkpoint, resolve_model, save_checkpoint
-from vqkit.codec import Codec
-from vqkit.data import FeatureCache
+from vqkit.audio.io import read_audio
+from vqkit.audio.stft import stft
+from vqkit.audio.synthesis import make_synthesiser
+from vqkit.checkpoint import load_checkpoint, save_checkpoint
+from vqkit.codec.codec import Codec
+from vqkit.codec.side import pitch_codes, pitch_from_codes
+from vqkit.data.cache import FeatureCache
 from vqkit.errors import VqkitError
-from vqkit.parametric import pitch_codes, pitch_from_codes
-from vqkit.synthesis import make_synthesiser
+from vqkit.run import resolve_model
 
 RESOLUTIONS = ((1024, 256), (512, 128), (256, 64))  # (n_fft, hop)
 
@@ -35,9 +37,8 @@ def stft_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Multi-resolution STFT loss: spectral convergence + L1 of log magnitudes, averaged."""
     total = y.new_zeros(())
     for n_fft, hop in RESOLUTIONS:
-        window = torch.hann_window(n_fft)
-        s_y = torch.stft(y, n_fft, hop, window=window, return_complex=True).abs() + 1e-5
-        s_x = torch.stft(x, n_fft, hop, window=window, return_complex=True).abs() + 1e-5
+        s_y = stft(y, n_fft, hop).abs() + 1e-5
+        s_x = stft(x, n_fft, hop).abs() + 1e-5
         convergence = (s_x - s_y).norm() / s_x.norm()
         total = total + convergence + (s_x.log() - s_y.log()).abs().mean()
     return total / len(RESOLUTIONS)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vqkit.checkpoint import load_checkpoint, resolve_model, save_checkpoint
+from vqkit.checkpoint import load_checkpoint, save_checkpoint
 from vqkit.config import config_from_dict, config_to_dict, merge_overrides
 from vqkit.errors import VqkitError
-from vqkit.runlog import read_metrics
+from vqkit.run import resolve_model
+from vqkit.train.log import read_metrics
 
 CURVE_KEYS = ("step", "split", "recon", "loss", "sd_db")
 

@@ -14,7 +14,7 @@ import random
 import shutil
 from pathlib import Path
 
-from vqkit.data import FeatureCache
+from vqkit.data.cache import FeatureCache
 
 SECONDS = (3.0, 8.0)
 

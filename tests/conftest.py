@@ -79,7 +79,7 @@ def tiny_cache(
     tiny_speech_dir: Path, tiny_config: Config, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """A feature cache prepared from ``tiny_speech_dir`` with ``tiny_config``."""
-    from vqkit.data import prepare
+    from vqkit.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("tiny_cache") / "cache"
     summary = prepare(tiny_speech_dir, out, tiny_config, workers=1)
@@ -124,7 +124,7 @@ def save_random_codec(
     (safetensors, config, a fixed mean/std normaliser). ``kmeans_on``, features ``(B, n_bins, N)``
     in dB, initialises its codebooks by one training-mode pass, so that its codes vary."""
     from vqkit.checkpoint import save_checkpoint
-    from vqkit.model import build_model
+    from vqkit.nn.model import build_model
 
     torch.manual_seed(seed)
     model = build_model(config, (n_bins,))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from vqkit.audio import fix_length, read_audio, resample, write_audio
+from vqkit.audio.io import fix_length, read_audio, resample, write_audio
 from vqkit.errors import VqkitError
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from test_metrics import speechlike
 
-from vqkit import baselines
-from vqkit.audio import resample
+from vqkit.audio.frontends import make_frontend
+from vqkit.audio.io import resample
 from vqkit.config import load_config
 from vqkit.errors import VqkitError
-from vqkit.features import make_frontend
-from vqkit.metrics import pesq_wb, stoi
+from vqkit.eval import baselines
+from vqkit.eval.metrics import pesq_wb, stoi
 
 RATE = 16000
 needs_codec2 = pytest.mark.skipif(

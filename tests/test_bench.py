@@ -16,10 +16,10 @@ from browser import needs_chromium, screenshot
 from conftest import TINY_BARE_CODEC, save_random_codec
 from test_metrics import speechlike
 
-from vqkit import bench
-from vqkit.baselines import CODEC2_MODES, OPUS_KBPS
 from vqkit.cli import main
 from vqkit.config import load_config
+from vqkit.eval import bench
+from vqkit.eval.baselines import CODEC2_MODES, OPUS_KBPS
 
 RATE = 16000
 N_BINS = 129  # n_fft 256

@@ -10,8 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vqkit import codebook as codebook_module
-from vqkit.bottleneck import (
+from vqkit.config import BottleneckConfig
+from vqkit.errors import VqkitError
+from vqkit.nn import codebook as codebook_module
+from vqkit.nn.bottleneck import (
     FSQ,
     Gaussian,
     Identity,
@@ -20,9 +22,7 @@ from vqkit.bottleneck import (
     build_bottleneck,
     gaussian_kl,
 )
-from vqkit.codebook import kmeans, nearest
-from vqkit.config import BottleneckConfig
-from vqkit.errors import VqkitError
+from vqkit.nn.codebook import kmeans, nearest
 
 KINDS = ["identity", "gaussian", "vq", "rvq", "fsq"]
 SHAPES = [(3, 16, 7), (2, 16, 5, 3)]  # (B, D, N) and (B, D, H, W), odd sizes

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vqkit.checkpoint import FORMAT_VERSION, load_checkpoint, resolve_model, save_checkpoint
+from vqkit.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from vqkit.config import Config, load_config
 from vqkit.errors import VqkitError
-from vqkit.model import build_model
+from vqkit.nn.model import build_model
+from vqkit.run import resolve_model
 
 IN_SHAPE = (12,)
 

@@ -13,15 +13,17 @@ import soundfile as sf
 import torch
 from conftest import TINY_RVQ_CODEC, save_random_codec, synth_utterance
 
-import vqkit.codec
+import vqkit.audio.io
+import vqkit.codec.codec
+from vqkit.audio.frontends import make_frontend
+from vqkit.audio.synthesis import make_synthesiser, postfilter
 from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.cli import main
-from vqkit.codec import Codec, decode_file, encode_file, load_codec
-from vqkit.codefile import FORMAT_VERSION, EncodedAudio
+from vqkit.codec.codec import Codec, decode_file, encode_file, load_codec
+from vqkit.codec.codefile import FORMAT_VERSION, EncodedAudio
+from vqkit.codec.stream import crossfade, synthesise_chunked
 from vqkit.config import Config, FeatureConfig, load_config, replace
 from vqkit.errors import VqkitError
-from vqkit.features import make_frontend
-from vqkit.synthesis import crossfade, make_synthesiser, postfilter, synthesise_chunked
 
 RATE = 8000
 N_BINS = 65  # n_fft 128
@@ -263,9 +265,9 @@ def test_cli_decode_failures(tmp_path: Path, model_path: Path, capsys) -> None:
 
 
 def test_missing_default_model_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
-    import vqkit.checkpoint
+    import vqkit.run
 
-    monkeypatch.setattr(vqkit.checkpoint.importlib.resources, "files", lambda _: tmp_path)
+    monkeypatch.setattr(vqkit.run.importlib.resources, "files", lambda _: tmp_path)
     with pytest.raises(VqkitError, match="ships no default model"):
         load_codec("default")
 
@@ -273,7 +275,7 @@ def test_missing_default_model_is_a_clear_error(tmp_path: Path, monkeypatch) -> 
 def test_memory_does_not_grow_with_duration(tmp_path: Path, model_path: Path, monkeypatch) -> None:
     """Encoding and decoding 8 s of audio take no more (numpy) memory than 2 s: the file is read
     in blocks (made small here), and chunks of 0.1 s are encoded, decoded and synthesised."""
-    monkeypatch.setattr(vqkit.codec, "BLOCK_FRAMES", 2048)
+    monkeypatch.setattr(vqkit.audio.io, "BLOCK_FRAMES", 2048)
     rng = np.random.default_rng(0)
     peaks = []
     for seconds in (2, 8):

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vqkit.codefile import (
+from vqkit.codec.codefile import (
     FORMAT_VERSION,
     MAGIC,
     EncodedAudio,

@@ -29,10 +29,10 @@ from conftest import TINY_BARE_CODEC, save_random_codec
 import vqkit
 from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
-from vqkit.codec import decode_file, encode_file
+from vqkit.codec.codec import decode_file, encode_file
 from vqkit.config import load_config
 from vqkit.files import remove_temporaries
-from vqkit.runlog import MetricsLog, read_metrics
+from vqkit.train.log import MetricsLog, read_metrics
 
 RECIPE = """
 [model]
@@ -67,9 +67,9 @@ PACKAGE = Path(vqkit.__file__).parent
 # `vqkit train` with every step slowed by 20 ms, so the kill lands mid-run on any machine.
 SLOW_TRAIN = """
 import sys, time
-import vqkit.train
-step = vqkit.train.train_step
-vqkit.train.train_step = lambda *args, **kwargs: (time.sleep(0.02), step(*args, **kwargs))[1]
+import vqkit.train.loop
+step = vqkit.train.loop.train_step
+vqkit.train.loop.train_step = lambda *args, **kwargs: (time.sleep(0.02), step(*args, **kwargs))[1]
 from vqkit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -225,12 +225,14 @@ SCRATCH = ("atomic_path", "TemporaryDirectory")  # files written inside these ar
 # Writes outside atomic_path, and why they are safe.
 UNATOMIC_ALLOWED = {
     ("files.py", "atomic_path"): "the atomic rename itself",
-    ("prepare.py", "_locked"): "the lock file: empty, never read",
-    ("prepare.py", "_process"): "manifest rows appended after their shard; a torn line is dropped",
+    ("data/writer.py", "locked"): "the lock file: empty, never read",
+    ("data/prepare.py", "_process"): "manifest rows follow their shard; a torn line is dropped",
 }
 # Modules allowed to import pickle, and why: each may use it only through a subclass of
 # pickle.Unpickler whose find_class admits a fixed set of globals.
-PICKLE_ALLOWED = {"images.py": "CIFAR-10 batches are pickles: a restricted unpickler reads them"}
+PICKLE_ALLOWED = {
+    "data/images.py": "CIFAR-10 batches are pickles: a restricted unpickler reads them"
+}
 FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "dill", "shelve", "marshal", "joblib"}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "os.system", "os.popen", "torch.save"}
 FORBIDDEN_CALLS |= {"yaml.load", "pickle.load", "pickle.loads", "torch.jit.load"}
@@ -238,7 +240,9 @@ FORBIDDEN_CALLS |= {"yaml.load", "pickle.load", "pickle.loads", "torch.jit.load"
 
 @functools.cache
 def package_sources() -> dict[str, ast.Module]:
-    return {p.name: ast.parse(p.read_text(), p.name) for p in sorted(PACKAGE.glob("*.py"))}
+    """Every module of the package by its path below it (``data/prepare.py``), subpackages too."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    return {p.relative_to(PACKAGE).as_posix(): ast.parse(p.read_text(), p.name) for p in paths}
 
 
 def calls(tree: ast.Module) -> Iterator[tuple[str, ast.Call, tuple[ast.AST, ...]]]:

@@ -16,12 +16,14 @@ import pytest
 import soundfile as sf
 import torch
 
+from vqkit.audio.stft import DB_FLOOR
 from vqkit.cli import main
 from vqkit.config import Config, load_config
-from vqkit.corpora import list_corpus
-from vqkit.data import FeatureCache, SegmentDataset, make_normaliser, prepare
+from vqkit.data.cache import FeatureCache
+from vqkit.data.corpora import list_corpus
+from vqkit.data.dataset import SegmentDataset, make_normaliser
+from vqkit.data.prepare import prepare
 from vqkit.errors import VqkitError
-from vqkit.features import DB_FLOOR
 
 SMALL = ["audio.sample_rate=8000", "features.n_fft=256", "features.hop_length=64"]
 SET_SMALL = [arg for s in SMALL for arg in ("--set", s)]
@@ -227,7 +229,7 @@ def without_location(row: dict) -> dict:
 
 
 def test_resume_after_a_torn_run(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("vqkit.prepare.SHARD_ITEMS", 4)
+    monkeypatch.setattr("vqkit.data.prepare.SHARD_ITEMS", 4)
     src = fsdd_tree(tmp_path / "src", speakers=("ann", "bob"), digits=(4,), n_index=8)
     out = tmp_path / "out"
     run(src, out)
@@ -279,7 +281,7 @@ def test_kill_9_then_rerun_completes(tmp_path: Path) -> None:
 
 
 def test_workers_give_the_same_cache(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("vqkit.prepare.SHARD_ITEMS", 4)  # 6 shards for 2 workers
+    monkeypatch.setattr("vqkit.data.prepare.SHARD_ITEMS", 4)  # 6 shards for 2 workers
     src = fsdd_tree(tmp_path / "src", speakers=("ann", "bob"), digits=(6,), n_index=12)
     one, two = run(src, tmp_path / "one"), run(src, tmp_path / "two", workers=2)
     assert one.n_ok == two.n_ok == 24

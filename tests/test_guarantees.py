@@ -36,8 +36,8 @@ from safetensors.torch import save_file
 
 from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
-from vqkit.codec import load_codec
-from vqkit.codefile import FORMAT_VERSION, MAGIC, EncodedAudio, pack_codes
+from vqkit.codec.codec import load_codec
+from vqkit.codec.codefile import FORMAT_VERSION, MAGIC, EncodedAudio, pack_codes
 from vqkit.config import load_config
 from vqkit.errors import VqkitError
 
@@ -640,7 +640,7 @@ def test_the_command_prints_one_line_and_no_traceback(model: Path, tmp_path: Pat
 
 def test_ljspeech_ids_cannot_leave_the_corpus(tmp_path: Path) -> None:
     from vqkit.config import DataConfig
-    from vqkit.corpora import list_corpus
+    from vqkit.data.corpora import list_corpus
 
     (tmp_path / "wavs").mkdir()
     sf.write(tmp_path / "wavs" / "LJ001.wav", tone(RATE), RATE)

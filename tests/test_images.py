@@ -17,12 +17,16 @@ from PIL import Image
 
 from vqkit.cli import main
 from vqkit.config import load_config
-from vqkit.corpora import detect_layout
-from vqkit.data import FeatureCache, SegmentDataset, prepare
+from vqkit.data.cache import FeatureCache
+from vqkit.data.corpora import detect_layout
+from vqkit.data.dataset import SegmentDataset
+from vqkit.data.images import read_cifar_batch, read_idx
+from vqkit.data.prepare import prepare
 from vqkit.errors import VqkitError
-from vqkit.evaluation import evaluate_run, image_errors, mosaic
-from vqkit.images import read_cifar_batch, read_idx
-from vqkit.train import train
+from vqkit.eval.evaluate import evaluate_run
+from vqkit.eval.plots import mosaic
+from vqkit.train.loop import train
+from vqkit.train.validate import image_errors
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqkit import metrics
+from vqkit.eval import metrics
 
 RATE = 16000
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqkit.blocks import conv, conv_transpose, exact_padding, pad_to_multiple
 from vqkit.config import Config, replace
 from vqkit.errors import VqkitError
-from vqkit.model import Autoencoder, build_model
+from vqkit.nn.blocks import conv, conv_transpose, exact_padding, pad_to_multiple
+from vqkit.nn.model import Autoencoder, build_model
 
 ENCODERS = ["conv1d", "conv2d", "convlist"]
 BOTTLENECKS = ["identity", "gaussian", "vq", "rvq", "fsq"]

@@ -12,27 +12,20 @@ import soundfile as sf
 import torch
 from conftest import TINY_RVQ_CODEC, save_random_codec, synth_utterance
 
-from vqkit.baselines import Oracle
-from vqkit.checkpoint import load_checkpoint, resolve_model
+from vqkit.audio.envelope import F0_MAX, F0_MIN, EnvelopeFrontend, fill_unvoiced
+from vqkit.audio.frontends import make_frontend
+from vqkit.audio.synthesis import HarmonicNoise, make_synthesiser
+from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
-from vqkit.codec import Codec, load_codec
+from vqkit.codec.codec import Codec, load_codec
+from vqkit.codec.side import PITCH_BITS, pitch_codes, pitch_from_codes, side_codebooks
 from vqkit.config import Config, load_config
-from vqkit.data import FeatureCache, prepare
+from vqkit.data.cache import FeatureCache
+from vqkit.data.prepare import prepare
 from vqkit.errors import VqkitError
-from vqkit.features import make_frontend
-from vqkit.parametric import (
-    F0_MAX,
-    F0_MIN,
-    PITCH_BITS,
-    EnvelopeFrontend,
-    HarmonicNoise,
-    fill_unvoiced,
-    pitch_codes,
-    pitch_from_codes,
-    side_codebooks,
-)
-from vqkit.synthesis import make_synthesiser
-from vqkit.train import train
+from vqkit.eval.baselines import Oracle
+from vqkit.run import resolve_model
+from vqkit.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs"

@@ -25,12 +25,13 @@ from PIL import Image
 from vqkit.checkpoint import load_checkpoint, save_checkpoint
 from vqkit.cli import main
 from vqkit.config import Config, replace
-from vqkit.data import MANIFEST, FeatureCache, SegmentDataset, read_manifest
-from vqkit.export import export_modules, torchscript_modules
-from vqkit.generate import code_frequencies, draw_codes, interpolate
-from vqkit.inputs import load_spectrogram_model, open_cache, parse_cache_ref, read_input
-from vqkit.model import build_model
-from vqkit.viz import mixture, toy_training
+from vqkit.data.cache import MANIFEST, FeatureCache, read_manifest
+from vqkit.data.dataset import SegmentDataset
+from vqkit.nn.model import build_model
+from vqkit.tools.export import export_modules, torchscript_modules
+from vqkit.tools.generate import code_frequencies, draw_codes, interpolate
+from vqkit.tools.inputs import load_spectrogram_model, open_cache, parse_cache_ref, read_input
+from vqkit.tools.viz import mixture, toy_training
 
 TINY_MODEL = {"hidden": 16, "latent_dim": 8, "n_res_blocks": 1}
 BOTTLENECKS = {

@@ -13,16 +13,16 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from vqkit import train as train_module
 from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
 from vqkit.config import Config, load_config
-from vqkit.data import FeatureCache
-from vqkit.distributed import batch_indices
+from vqkit.data.cache import FeatureCache
 from vqkit.errors import VqkitError
-from vqkit.evaluation import code_stats
-from vqkit.runlog import StopOnInterrupt, read_metrics
-from vqkit.train import make_scheduler, train
+from vqkit.nn.codebook import code_stats
+from vqkit.train import loop as train_module
+from vqkit.train.distributed import batch_indices
+from vqkit.train.log import StopOnInterrupt, read_metrics
+from vqkit.train.loop import make_scheduler, train
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs"
 TINY_MODEL = [

@@ -6,6 +6,6 @@ __version__ = "0.1.0"
 
 def load_codec(model: str = "default"):
     """Load a speech codec: ``"default"`` (shipped), a run folder or a checkpoint path."""
-    from vqkit.codec import load_codec as _load
+    from vqkit.codec.codec import load_codec as _load
 
     return _load(model)

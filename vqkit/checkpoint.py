@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.resources
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,17 +22,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from vqkit.audio.normalise import Normaliser
 from vqkit.config import Config, config_from_dict, config_to_dict
 from vqkit.errors import VqkitError
 from vqkit.files import atomic_path
-from vqkit.model import Autoencoder, build_model
-from vqkit.normalise import Normaliser
+from vqkit.nn.model import Autoencoder, build_model
 
 FORMAT = "vqkit-checkpoint"
 FORMAT_VERSION = 1
 MODEL_PREFIX = "model."
 OPTIMIZER_PREFIX = "optimizer."
-CHECKPOINT_NAMES = ("best.safetensors", "last.safetensors")
 
 
 @dataclass
@@ -151,24 +149,6 @@ def model_id(weights: dict[str, Tensor], config: Config) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def resolve_model(name: str | os.PathLike) -> Path:
-    """Map ``"default"``, a run folder or a file path to a checkpoint file that exists."""
-    if str(name) == "default":
-        path = Path(str(importlib.resources.files("vqkit") / "assets" / "default.safetensors"))
-        if not path.is_file():
-            raise VqkitError("this vqkit ships no default model; pass --model RUN or a checkpoint")
-        return path
-    path = Path(name)
-    if path.is_dir():
-        for candidate in CHECKPOINT_NAMES:
-            if (path / "checkpoints" / candidate).is_file():
-                return path / "checkpoints" / candidate
-        raise VqkitError(f"{path} is a folder without checkpoints/best.safetensors (not a run?)")
-    if not path.is_file():
-        raise VqkitError(f"model {path} does not exist (expected 'default', a run or a checkpoint)")
-    return path
 
 
 def _read_safetensors(path: Path, map_location: str) -> tuple[dict[str, str], dict[str, Tensor]]:

@@ -32,7 +32,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from vqkit.config import load_config
-    from vqkit.data import prepare
+    from vqkit.data.prepare import prepare
 
     overrides = list(args.overrides)
     if args.layout:
@@ -53,7 +53,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vqkit.config import load_config
-    from vqkit.train import train
+    from vqkit.train.loop import train
 
     config = load_config(args.config, args.overrides)
     result = train(config, data=args.data, run=args.run, resume=args.resume)
@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vqkit.evaluation import describe_evaluation, evaluate_run
+    from vqkit.eval.evaluate import describe_evaluation, evaluate_run
 
     result = evaluate_run(
         args.run, args.data, args.out, split=args.split, n_grid=args.grid, device=args.device
@@ -76,7 +76,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from vqkit.codec import encode_file
+    from vqkit.codec.codec import encode_file
 
     info = encode_file(args.input, args.output, model=args.model, bitrate=args.bitrate)
     print(info)
@@ -84,7 +84,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from vqkit.codec import decode_file
+    from vqkit.codec.codec import decode_file
 
     info = decode_file(args.input, args.output, model=args.model, iters=args.iters)
     print(info)
@@ -92,7 +92,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def _print_bench(results: dict, out: Path) -> None:
-    from vqkit.bench import format_table
+    from vqkit.eval.bench import format_table
 
     print(format_table(results["summary"]))
     for skip in results["skipped"]:
@@ -102,7 +102,7 @@ def _print_bench(results: dict, out: Path) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vqkit.bench import run_bench
+    from vqkit.eval.bench import run_bench
 
     try:
         bitrates = [float(b) for b in _csv(args.bitrates)] if args.bitrates else None
@@ -122,7 +122,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vqkit.bench import demo
+    from vqkit.eval.bench import demo
 
     _print_bench(demo(args.out), args.out)
     return 0
@@ -145,7 +145,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
-    from vqkit.viz import animate_vq
+    from vqkit.tools.viz import animate_vq
 
     with _torch_threads(args.threads):
         result = animate_vq(
@@ -162,7 +162,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_pager(args: argparse.Namespace) -> int:
-    from vqkit.pager import write_pager
+    from vqkit.tools.pager import write_pager
 
     with _torch_threads(args.threads):
         info = write_pager(args.input, args.model, args.out, n_codebooks=args.stages)
@@ -173,7 +173,7 @@ def cmd_pager(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from vqkit.generate import generate
+    from vqkit.tools.generate import generate
 
     with _torch_threads(args.threads):
         sources = tuple(args.sources) if args.sources else None
@@ -195,7 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from vqkit.export import export_model
+    from vqkit.tools.export import export_model
 
     with _torch_threads(args.threads):
         result = export_model(args.run, args.out, format=args.format)

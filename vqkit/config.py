@@ -30,10 +30,10 @@ class AudioConfig:
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """The spectral front end (see :mod:`vqkit.features`)."""
+    """The spectral front end (see :mod:`vqkit.audio.frontends`)."""
 
     # stft (log-magnitude dB) | mel (log-mel dB) | ratek (Codec 2 rate-K) | image
-    # | envelope (pitch-adaptive envelope at rate_k points, with F0 and voicing: vqkit.parametric)
+    # | envelope (pitch-adaptive envelope at rate_k points, F0 and voicing: vqkit.audio.envelope)
     kind: str = "stft"
     n_fft: int = 512
     hop_length: int = 128
@@ -61,7 +61,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Encoder and decoder (see :mod:`vqkit.model`)."""
+    """Encoder and decoder (see :mod:`vqkit.nn.model`)."""
 
     kind: str = "conv1d"  # conv1d (bins as channels) | conv2d (features as an image) | convlist
     hidden: int = 128
@@ -76,7 +76,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class BottleneckConfig:
-    """The latent bottleneck (see :mod:`vqkit.bottleneck`)."""
+    """The latent bottleneck (see :mod:`vqkit.nn.bottleneck`)."""
 
     kind: str = "vq"  # identity (AE) | gaussian (VAE) | vq | rvq | fsq
     codebook_size: int = 512
@@ -97,7 +97,7 @@ class BottleneckConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training loop (see :mod:`vqkit.train`)."""
+    """The training loop (see :mod:`vqkit.train.loop`)."""
 
     steps: int = 2000
     batch_size: int = 16
@@ -118,7 +118,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """Encoding to and decoding from ``.vqc`` files (see :mod:`vqkit.codec`)."""
+    """Encoding to and decoding from ``.vqc`` files (see :mod:`vqkit.codec.codec`)."""
 
     synthesis: str = "griffinlim"  # griffinlim (stft, mel) | harmonic (envelope)
     gl_iters: int = 32

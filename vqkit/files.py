@@ -1,4 +1,5 @@
-"""Atomic file writes and small JSON helpers shared by every module that keeps files."""
+"""Atomic file writes, small JSON helpers and PNG figures, shared by every module that keeps
+files."""
 
 from __future__ import annotations
 
@@ -68,6 +69,23 @@ def read_json(path: str | os.PathLike) -> Any:
         raise VqkitError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise VqkitError(f"{path} is not valid JSON: {e}") from None
+
+
+def new_figure(width: float, height: float, dpi: int = 100) -> Any:
+    """A matplotlib figure of ``width`` x ``height`` inches on the Agg canvas (no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Any, path: str | os.PathLike) -> Path:
+    """Write ``figure`` as a PNG at ``path``, atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(path)
 
 
 def remove_temporaries(folder: str | os.PathLike) -> list[Path]:

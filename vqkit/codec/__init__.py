@@ -1,0 +1,1 @@
+"""The speech codec: encode/decode, side codes, chunked streaming and the .vqc file."""

@@ -1,0 +1,378 @@
+"""The speech codec: audio -> residual-VQ codes in a ``.vqc`` file -> audio.
+
+Two model families are codecs. A spectrogram model (``stft`` or ``mel`` features) codes the
+spectrogram and is heard through Griffin-Lim. A parametric model (``envelope`` features,
+:mod:`vqkit.audio.envelope`) codes the spectral envelope, and its code frames also carry pitch and
+voicing codes before the envelope stages (:func:`vqkit.audio.envelope.side_codebooks`), counted in
+the bitrate; the harmonic-plus-noise synthesiser makes the waveform.
+
+Encoding streams: audio is read in blocks, resampled to the model's rate by a streaming soxr
+resampler, and the encoder runs on chunks of ``codec.chunk_seconds`` with margins of context that
+cover its receptive field (measured once from the model's gradients) and are then discarded, so
+the codes equal those of encoding the whole file at once. Decoding runs the decoder on chunks in
+the same way and synthesises the waveform window by window with a crossfade
+(:func:`vqkit.codec.stream.synthesise_chunked`). Memory is bounded by the chunk size, not the
+length
+of the recording. The output has the original sample rate and exactly the original length.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vqkit.audio.envelope import EnvelopeFrontend
+from vqkit.audio.frontends import make_frontend
+from vqkit.audio.io import (
+    BLOCK_FRAMES,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    check_rate,
+    exact_length,
+    open_audio_blocks,
+    resample_stream,
+    write_audio_blocks,
+)
+from vqkit.audio.normalise import Normaliser
+from vqkit.audio.synthesis import make_synthesiser, postfilter
+from vqkit.checkpoint import Checkpoint, checkpoint_normaliser, load_checkpoint
+from vqkit.codec.codefile import EncodedAudio, bits_per_code
+from vqkit.codec.side import pitch_codes, pitch_from_codes, side_codebooks
+from vqkit.codec.stream import synthesise_chunked
+from vqkit.config import Config
+from vqkit.errors import VqkitError
+from vqkit.files import atomic_write_bytes
+from vqkit.run import resolve_model
+
+PROBE_FRAMES = 256  # first input length for measuring a network's receptive field
+MAX_PROBE_FRAMES = 16384
+MAX_LEVEL_GAIN_DB = 60  # the level normalisation never scales by more than this
+
+
+class Codec:
+    """A trained discrete model as a speech codec (see :func:`load_codec`)."""
+
+    def __init__(self, checkpoint: Checkpoint, chunk_seconds: float | None = None) -> None:
+        config, model = checkpoint.config, checkpoint.model
+        _check_model(config, model)
+        self.checkpoint, self.config, self.model = checkpoint, config, model.eval()
+        self.model_id = checkpoint.model_id
+        self.sample_rate = config.audio.sample_rate
+        self.frontend = make_frontend(config.features, self.sample_rate)
+        self.normaliser = _normaliser(checkpoint, self.frontend.n_bins)
+        self.hop_length = self.frontend.hop_length
+        self.downsample = model.downsample  # feature frames per code frame
+        self.n_codebooks = model.bottleneck.n_codebooks
+        self.codebook_size = model.bottleneck.codebook_size
+        self.parametric = isinstance(self.frontend, EnvelopeFrontend)
+        # pitch and voicing codebooks, stored before the envelope stages
+        self.side = side_codebooks(self.downsample) if self.parametric else ()
+        seconds = config.codec.chunk_seconds if chunk_seconds is None else chunk_seconds
+        self.chunk_codes = max(1, round(seconds * self.frame_rate))  # code frames per chunk
+
+    @property
+    def frame_rate(self) -> float:
+        """Code frames per second."""
+        return self.sample_rate / self.hop_length / self.downsample
+
+    @property
+    def bitrates(self) -> list[float]:
+        """kbit/s of the codes with 1..n_codebooks stages: frame rate x (stages x bits + the
+        pitch and voicing bits)."""
+        bits, side = bits_per_code(self.codebook_size), sum(map(bits_per_code, self.side))
+        return [self.frame_rate * (q * bits + side) / 1000 for q in range(1, self.n_codebooks + 1)]
+
+    def codebook_sizes(self, n_stages: int) -> tuple[int, ...]:
+        """Codebook sizes of the code rows in a file with ``n_stages`` envelope stages."""
+        return self.side + (self.codebook_size,) * n_stages
+
+    def n_stages(self, bitrate: float | None) -> int:
+        """The most stages whose bitrate is at most ``bitrate`` kbit/s (all when None)."""
+        if bitrate is None:
+            return self.n_codebooks
+        fitting = [q for q, rate in enumerate(self.bitrates, 1) if rate <= bitrate * (1 + 1e-9)]
+        if not fitting:
+            raise VqkitError(
+                f"bitrate {bitrate:g} kbit/s is below this model's lowest, "
+                f"{self.bitrates[0]:.3f} kbit/s (1 stage)"
+            )
+        return fitting[-1]
+
+    @functools.cached_property
+    def margins(self) -> tuple[int, int]:
+        """Context in code frames that the encoder and the decoder need on each side of a chunk."""
+        d = self.downsample
+        reach = _reach(self.model.encoder, self.frontend.n_bins, d, downsampling=True)
+        latent_dim = self.model.bottleneck.latent_dim
+        return math.ceil(reach / d) + 1, _reach(self.model.decoder, latent_dim, d, False) + 1
+
+    def encode(
+        self, wave: np.ndarray, sample_rate: int, bitrate: float | None = None
+    ) -> EncodedAudio:
+        """Encode mono ``wave`` ``(T,)`` at ``sample_rate`` with the most stages whose bitrate
+        is at most ``bitrate`` kbit/s (all when None)."""
+        wave = np.asarray(wave, dtype=np.float32)
+        if wave.ndim != 1 or wave.size == 0:
+            raise VqkitError(f"expected a non-empty mono waveform (T,), got {wave.shape}")
+        if not np.isfinite(wave).all():
+            raise VqkitError("waveform contains NaN or Inf samples")
+        blocks = [wave[i : i + BLOCK_FRAMES] for i in range(0, wave.size, BLOCK_FRAMES)]
+        gain = self._gain(blocks)
+        return self.encode_blocks(blocks, sample_rate, self.n_stages(bitrate), gain)
+
+    def encode_blocks(
+        self, blocks: Iterable[np.ndarray], sample_rate: int, n_stages: int, gain_db: int = 0
+    ) -> EncodedAudio:
+        """Encode consecutive mono blocks ``(T_i,)`` at ``sample_rate``, applying ``gain_db``."""
+        check_rate(sample_rate)
+        length = [0]
+
+        def counted() -> Iterator[np.ndarray]:
+            for block in blocks:
+                length[0] += len(block)
+                yield block * np.float32(10 ** (gain_db / 20))
+
+        waves = resample_stream(counted(), sample_rate, self.sample_rate)
+        with torch.inference_mode():
+            codes, n_samples = self._encode_stream(waves, n_stages)
+        return EncodedAudio(
+            model_id=self.model_id,
+            sample_rate=self.sample_rate,
+            hop_length=self.hop_length,
+            n_frames=self.frontend.n_frames(n_samples),
+            length=length[0],
+            orig_sample_rate=sample_rate,
+            codebook_sizes=self.codebook_sizes(n_stages),
+            codes=codes,
+            gain_db=gain_db,
+        )
+
+    def decode(self, encoded: EncodedAudio, iters: int | None = None) -> np.ndarray:
+        """Decode to mono ``(T,)`` float32 at the original sample rate and length."""
+        return np.concatenate(list(self.decode_blocks(encoded, iters)))
+
+    def decode_blocks(
+        self, encoded: EncodedAudio, iters: int | None = None
+    ) -> Iterator[np.ndarray]:
+        """Decode to consecutive blocks at the original sample rate, ``encoded.length`` in all.
+
+        Checks that ``encoded`` fits this model at once; the work happens as blocks are taken.
+        """
+        self._check_encoded(encoded)
+        n_frames, sr, osr = encoded.n_frames, self.sample_rate, encoded.orig_sample_rate
+        # The model-rate length the encoder saw (soxr gives round(length * sr / osr) samples),
+        # kept consistent with n_frames and at least one sample.
+        hop = self.hop_length
+        length = round(encoded.length * sr / osr)
+        length = max(1, (n_frames - 1) * hop, min(length, n_frames * hop - 1))
+        synthesiser = make_synthesiser(self.config.codec, self.frontend, iters)
+        window = self.chunk_codes * self.downsample
+        overlap = max(2, min(2 * math.ceil(self.frontend.n_fft / hop), window // 2))
+        features = self._decode_features(torch.from_numpy(encoded.codes.astype(np.int64)), n_frames)
+        scale = np.float32(10 ** (-encoded.gain_db / 20))
+        waves = synthesise_chunked(synthesiser, features, n_frames, length, window, overlap)
+        waves = (wave * scale for wave in waves)
+        return exact_length(resample_stream(waves, sr, osr), encoded.length)
+
+    def _gain(self, blocks: Iterable[np.ndarray]) -> int:
+        """Whole-dB gain bringing the RMS level to ``codec.level_db`` (0 when that is 0)."""
+        target = self.config.codec.level_db
+        if target == 0:
+            return 0
+        energy, count = 0.0, 0
+        for block in blocks:
+            energy += float(np.dot(block.astype(np.float64), block))
+            count += len(block)
+        level = 10 * math.log10(max(energy / max(count, 1), 1e-12))
+        return int(np.clip(round(target - level), -MAX_LEVEL_GAIN_DB, MAX_LEVEL_GAIN_DB))
+
+    def _encode_stream(self, waves: Iterator[np.ndarray], n_stages: int) -> tuple[np.ndarray, int]:
+        """Codes ``(Q, N')`` of a model-rate sample stream, chunk by chunk; and its length."""
+        d, hop, margin = self.downsample, self.hop_length, self.margins[0]
+        context = math.ceil(self.frontend.n_fft / 2 / hop)  # frames the STFT reaches either side
+        buffer, offset, total = np.zeros(0, dtype=np.float32), 0, None
+        chunks, start = [], 0
+        while True:
+            stop = start + self.chunk_codes
+            first, last = max(0, (start - margin) * d), (stop + margin) * d  # feature frames
+            needed = (last - 1 + context) * hop + 1
+            while total is None and offset + len(buffer) < needed:
+                block = next(waves, None)
+                if block is None:
+                    total = offset + len(buffer)
+                else:
+                    buffer = np.concatenate([buffer, block])
+            if total is not None:
+                n_frames = self.frontend.n_frames(total)
+                if start >= math.ceil(n_frames / d):
+                    break
+                stop, last = min(stop, math.ceil(n_frames / d)), min(last, n_frames)
+            begin = max(0, first - context) * hop  # a frame boundary, so frames line up
+            buffer, offset = buffer[begin - offset :], begin
+            wave = torch.from_numpy(buffer[: needed - begin])[None]
+            frames = slice(first - begin // hop, last - begin // hop)
+            if self.parametric:
+                features, f0, voiced = self.frontend.analyse(wave)
+            else:
+                features = self.frontend(wave)
+            x = self.normaliser.normalise(features[..., frames])
+            codes = self.model.encode(x, n_stages)[0]  # (Q, L)
+            if self.parametric:  # the pitch and voicing rows go first
+                codes = torch.cat([pitch_codes(f0[:, frames], voiced[:, frames], d)[0], codes])
+            chunks.append(codes[:, start - first // d : stop - first // d].numpy())
+            start = stop
+        return np.concatenate(chunks, axis=1), total
+
+    def _decode_features(self, codes: Tensor, n_frames: int) -> Iterator[Tensor]:
+        """Features in dB ``(F, N_i)`` of codes ``(Q, N')``, chunk by chunk, ``n_frames`` in all."""
+        d, margin, n_codes = self.downsample, self.margins[1], codes.shape[1]
+        side, codes = codes[: len(self.side)], codes[len(self.side) :]
+        for start in range(0, n_codes, self.chunk_codes):
+            stop = min(start + self.chunk_codes, n_codes)
+            first, last = max(0, start - margin), min(n_codes, stop + margin)
+            with torch.inference_mode():
+                x_hat = self.model.decode(codes[None, :, first:last])
+                no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
+                x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
+                x_hat = postfilter(x_hat, self.config.codec.postfilter)
+                if self.parametric:  # F0 and voicing become the last two rows
+                    f0, voiced = pitch_from_codes(side[None, :, first:last], d, x_hat.shape[-1])
+                    x_hat = torch.cat([x_hat, f0, voiced])
+            yield x_hat[:, (start - first) * d : min(stop * d, n_frames) - first * d]
+
+    def _check_encoded(self, encoded: EncodedAudio) -> None:
+        if encoded.model_id != self.model_id:
+            raise VqkitError(
+                f"the code file was made by model {encoded.model_id}, not this model "
+                f"({self.model_id}): decode with the --model it was encoded with"
+            )
+        expected = math.ceil(encoded.n_frames / self.downsample)
+        if (
+            (encoded.sample_rate, encoded.hop_length) != (self.sample_rate, self.hop_length)
+            or not len(self.side) < encoded.n_stages <= len(self.side) + self.n_codebooks
+            or encoded.codebook_sizes != self.codebook_sizes(encoded.n_stages - len(self.side))
+            or encoded.codes.shape[1] != expected
+        ):
+            raise VqkitError(
+                "the code file's header does not fit its model (rate, hop, stages, codebook "
+                "sizes or frame counts differ): the file is damaged"
+            )
+
+
+def load_codec(model: str | os.PathLike = "default", chunk_seconds: float | None = None) -> Codec:
+    """The codec of ``model``: "default" (shipped), a run folder or a checkpoint file."""
+    return Codec(load_checkpoint(resolve_model(model)), chunk_seconds)
+
+
+def encode_file(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    model: str | os.PathLike = "default",
+    bitrate: float | None = None,
+) -> str:
+    """Encode an audio file to a ``.vqc`` code file; returns a one-line summary."""
+    codec = load_codec(model)
+    n_stages = codec.n_stages(bitrate)  # fail on a bad bitrate before reading anything
+    sample_rate, blocks = open_audio_blocks(input)
+    gain = codec._gain(open_audio_blocks(input)[1]) if codec.config.codec.level_db else 0
+    encoded = codec.encode_blocks(blocks, sample_rate, n_stages, gain)
+    data = encoded.to_bytes()
+    atomic_write_bytes(output, data)
+    return f"{output}: {n_stages} stages, {_rates(encoded, len(data))}"
+
+
+def decode_file(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    model: str | os.PathLike = "default",
+    iters: int | None = None,
+) -> str:
+    """Decode a ``.vqc`` code file to a WAV or FLAC file; returns a one-line summary."""
+    path, output = Path(input), Path(output)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise VqkitError(f"cannot read {path}: {e.strerror or e}") from None
+    encoded = EncodedAudio.from_bytes(data)
+    codec = load_codec(model)
+    blocks = codec.decode_blocks(encoded, iters)
+    write_audio_blocks(output, blocks, encoded.orig_sample_rate)
+    n_stages = encoded.n_stages - len(codec.side)
+    return f"{output}: {n_stages} stages decoded, {_rates(encoded, len(data))}"
+
+
+def _rates(encoded: EncodedAudio, n_bytes: int) -> str:
+    seconds = encoded.duration
+    payload = encoded.payload_size()
+    return (
+        f"{seconds:.2f} s at {encoded.orig_sample_rate} Hz, {n_bytes} bytes: "
+        f"{n_bytes * 8 / seconds / 1000:.3f} kbit/s with the header, "
+        f"{payload * 8 / seconds / 1000:.3f} kbit/s without"
+    )
+
+
+def _check_model(config: Config, model: nn.Module) -> None:
+    if not getattr(model.bottleneck, "discrete", False):
+        kind = config.bottleneck.kind
+        raise VqkitError(f"a codec needs a discrete bottleneck (vq, rvq or fsq), not '{kind}'")
+    if config.model.kind != "conv1d":
+        raise VqkitError(
+            f"the codec needs a conv1d model (codes over time), not {config.model.kind}"
+        )
+    if config.features.kind not in ("stft", "mel", "envelope"):
+        raise VqkitError(f"features.kind '{config.features.kind}' cannot be turned back into audio")
+    if bits_per_code(model.bottleneck.codebook_size) > 16:
+        raise VqkitError("the code file holds codebooks of at most 65536 entries")
+    if not MIN_SAMPLE_RATE <= config.audio.sample_rate <= MAX_SAMPLE_RATE:
+        raise VqkitError(
+            f"the model's audio.sample_rate {config.audio.sample_rate} Hz is outside "
+            f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
+        )
+
+
+def _normaliser(checkpoint: Checkpoint, n_bins: int) -> Normaliser:
+    kind = checkpoint.config.features.normalise
+    if kind not in ("none", "meanstd"):
+        raise VqkitError(
+            f"the codec needs features.normalise 'meanstd' or 'none', not '{kind}' "
+            "(per-utterance min-max values are side information it does not carry)"
+        )
+    return checkpoint_normaliser(checkpoint, n_bins)
+
+
+def _reach(net: nn.Module, channels: int, factor: int, downsampling: bool) -> int:
+    """How far (in input frames) an output frame of a 1-D conv net looks either side: measured
+    from input gradients of random inputs, the probe doubled until the reach fits inside it.
+
+    Downsampling nets (encoders) map ``factor`` input frames to one output frame; upsampling nets
+    (decoders) one input frame to ``factor`` output frames.
+    """
+    length, generator = PROBE_FRAMES, torch.Generator().manual_seed(0)
+    while True:  # gradients work inside a caller's inference_mode too
+        middle = length // 2 // factor * factor  # an input frame on the output grid
+        out = (
+            slice(middle // factor, middle // factor + 1)
+            if downsampling
+            else slice(middle * factor, (middle + 1) * factor)
+        )
+        touched = torch.zeros(length, dtype=torch.bool)
+        for _ in range(2):  # a second random point guards against units that happen to be off
+            with torch.inference_mode(False), torch.enable_grad():
+                x = torch.randn(1, channels, length, generator=generator, requires_grad=True)
+                y = net(x)[..., out]
+                (grad,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
+            touched |= grad[0].abs().sum(0) > 0
+        index = torch.nonzero(touched)[:, 0]
+        if index.numel() == 0:  # the output ignores its input (all-zero weights, say)
+            return 0
+        low, high = int(index.min()), int(index.max())
+        if (low > 0 and high < length - 1) or length >= MAX_PROBE_FRAMES:
+            return max(middle - low, high - middle)
+        length *= 2

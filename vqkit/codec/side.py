@@ -1,0 +1,68 @@
+"""The side codes of a parametric codec's code frames: pitch and voicing, carried in the ``.vqc``
+before the envelope stages and counted in every bitrate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vqkit.audio.envelope import F0_MAX, F0_MIN, UNVOICED_F0, fill_unvoiced, interp
+from vqkit.errors import VqkitError
+
+PITCH_BITS = 7  # a log-F0 code on a uniform grid from F0_MIN to F0_MAX
+PITCH_SHARE = 2  # frames per log-F0 code (20 ms at a 10 ms hop)
+
+
+def side_codebooks(factor: int) -> tuple[int, ...]:
+    """Codebook sizes of the pitch and voicing codes of a code frame of ``factor`` frames: a
+    log-F0 code for every :data:`PITCH_SHARE` frames, then one voicing bit per frame in one code."""
+    if factor % PITCH_SHARE or not 1 <= factor <= 16:
+        raise VqkitError(
+            f"the parametric codec needs model.downsample in 2..16 divisible by {PITCH_SHARE}, "
+            f"got {factor}"
+        )
+    return (2**PITCH_BITS,) * (factor // PITCH_SHARE) + (2**factor,)
+
+
+def pitch_codes(f0: Tensor, voiced: Tensor, factor: int) -> Tensor:
+    """Pitch and voicing codes ``(B, C, N')`` of F0 (Hz) and voicing ``(B, N)``
+    for code frames of ``factor`` frames (see :func:`side_codebooks`). A log-F0 code is the mean
+    log-F0 of the voiced frames in its share (0 when none is voiced, as the decoder ignores it);
+    the voicing bits go first frame first, most significant bit first. Each code frame's codes
+    depend on its own frames only."""
+    n, share = f0.shape[-1], PITCH_SHARE
+    pad = -n % factor
+    f0 = F.pad(f0, (0, pad), value=UNVOICED_F0).unflatten(-1, (-1, factor // share, share))
+    voiced = F.pad(voiced, (0, pad)).unflatten(-1, (-1, factor // share, share))
+    count = voiced.sum(-1)  # (B, N', factor // share)
+    log_f0 = (torch.log(f0) * voiced).sum(-1) / count.clamp(min=1)
+    levels = 2**PITCH_BITS - 1
+    span = math.log(F0_MAX / F0_MIN)
+    pitch = torch.round((log_f0 - math.log(F0_MIN)) / span * levels).clamp(0, levels).long()
+    pitch = torch.where(count > 0, pitch, 0)
+    weights = 2 ** torch.arange(factor - 1, -1, -1)
+    bits = (voiced.flatten(-2).long() * weights).sum(-1, keepdim=True)
+    return torch.cat([pitch, bits], -1).transpose(1, 2)
+
+
+def pitch_from_codes(codes: Tensor, factor: int, n_frames: int) -> tuple[Tensor, Tensor]:
+    """F0 (Hz) and voicing ``(B, n_frames)`` from :func:`pitch_codes`: each log-F0 code sits at
+    the centre of its share of frames and F0 is interpolated linearly in log between them; shares
+    with no voiced frame take it from their voiced neighbours (:func:`fill_unvoiced`)."""
+    share = PITCH_SHARE
+    shifts = torch.arange(factor - 1, -1, -1)
+    voiced = ((codes[:, -1, :, None] >> shifts) & 1).flatten(1).float()  # (B, N' * factor)
+    span = math.log(F0_MAX / F0_MIN)
+    log_f0 = (
+        math.log(F0_MIN)
+        + codes[:, :-1].transpose(1, 2).flatten(1).float() / (2**PITCH_BITS - 1) * span
+    )  # (B, M) with M = N' * factor // share
+    has_voice = voiced.unflatten(-1, (-1, share)).amax(-1)
+    f0 = fill_unvoiced(torch.exp(log_f0), has_voice)
+    centres = torch.arange(f0.shape[-1]) * share + (share - 1) / 2
+    frames = torch.arange(n_frames, dtype=centres.dtype).expand(f0.shape[0], -1)
+    f0 = torch.exp(interp(centres, torch.log(f0), frames))
+    return f0, voiced[:, :n_frames]

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, baselines, the bench, plots and the HTML report."""

@@ -1,0 +1,1 @@
+"""Neural network parts: blocks, codebooks, bottlenecks and the autoencoder that composes them."""

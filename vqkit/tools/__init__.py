@@ -1,0 +1,1 @@
+"""Teaching tools: vector pager, sampling, VQ visualisation and export."""

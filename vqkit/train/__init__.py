@@ -1,0 +1,1 @@
+"""Training: the loop, losses, validation, distributed helpers and the run log."""

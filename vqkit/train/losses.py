@@ -1,0 +1,56 @@
+"""What training minimises and validation reports: the reconstruction loss, and spectral
+distortion between dB spectra (also used by :mod:`vqkit.eval.metrics` on resynthesised audio)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vqkit.errors import VqkitError
+
+LSD_FLOOR_DB = 80.0  # spectral floor below the reference's loudest bin, so silence is finite
+
+RECON_LOSSES = ("mse", "l1", "l1+mse")
+
+
+def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: str) -> Tensor:
+    """Mean squared and/or absolute error between ``x_hat`` and ``x`` of the same shape."""
+    if x_hat.shape != x.shape:
+        raise ValueError(f"model output shape {tuple(x_hat.shape)} != input {tuple(x.shape)}")
+    if kind == "mse":
+        return F.mse_loss(x_hat, x)
+    if kind == "l1":
+        return F.l1_loss(x_hat, x)
+    if kind == "l1+mse":
+        return F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
+    raise VqkitError(f"train.recon_loss must be one of {', '.join(RECON_LOSSES)}, got '{kind}'")
+
+
+def spectral_distortion_db(x_db: Tensor, x_hat_db: Tensor) -> Tensor:
+    """Spectral distortion in dB: per frame the RMS over bins of the dB difference, then the mean
+    over frames.
+
+    Args:
+        x_db: reference spectra in dB, shape (B, F, N).
+        x_hat_db: reconstructed spectra in dB, shape (B, F, N).
+
+    Returns:
+        One distortion per item, shape (B,).
+    """
+    return torch.sqrt(_frame_mean_square(x_db, x_hat_db)).mean(dim=1)
+
+
+def spectral_distortion_db2(x_db: Tensor, x_hat_db: Tensor) -> Tensor:
+    """Spectral distortion in dB^2 (Codec 2's measure): per frame the mean over bins of the squared
+    dB difference, then the mean over frames. Shapes (B, F, N) -> (B,)."""
+    return _frame_mean_square(x_db, x_hat_db).mean(dim=1)
+
+
+def _frame_mean_square(x_db: Tensor, x_hat_db: Tensor) -> Tensor:
+    if x_db.shape != x_hat_db.shape or x_db.dim() != 3:
+        raise ValueError(
+            f"expected x_db and x_hat_db of the same shape (B, F, N), "
+            f"got {tuple(x_db.shape)} and {tuple(x_hat_db.shape)}"
+        )
+    return torch.mean((x_db - x_hat_db) ** 2, dim=1)  # (B, N)

@@ -46,7 +46,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.speaker_disjoint:
         overrides.append("data.speaker_disjoint=true")
     config = load_config(args.config, overrides)
-    summary = prepare(args.src, args.out, config, workers=args.workers)
+    with _torch_threads(1):  # per-file tensors are tiny: threads only add contention
+        summary = prepare(args.src, args.out, config, workers=args.workers)
     print(summary.describe())
     return 0 if summary.n_ok > 0 else 1
 
@@ -56,7 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vqkit.train.loop import train
 
     config = load_config(args.config, args.overrides)
-    result = train(config, data=args.data, run=args.run, resume=args.resume)
+    with _torch_threads(config.train.threads or None):  # 0: torch's default
+        result = train(config, data=args.data, run=args.run, resume=args.resume)
     for split, row in (("val", result.val), ("test", result.test)):
         if row:
             shown = {k: v for k, v in row.items() if k in ("recon", "sd_db", "psnr_db", "usage/0")}
@@ -109,14 +111,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         message = f"--bitrates expects comma-separated kbit/s, got '{args.bitrates}'"
         raise VqkitError(message) from None
-    results = run_bench(
-        args.audio_dir,
-        args.out,
-        model=args.model,
-        bitrates=bitrates,
-        baselines=_csv(args.baselines),
-        threads=args.threads,
-    )
+    with _torch_threads(args.threads):
+        results = run_bench(
+            args.audio_dir,
+            args.out,
+            model=args.model,
+            bitrates=bitrates,
+            baselines=_csv(args.baselines),
+        )
     _print_bench(results, args.out)
     return 0
 
@@ -124,16 +126,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vqkit.eval.bench import demo
 
-    _print_bench(demo(args.out), args.out)
+    with _torch_threads(1):
+        results = demo(args.out)
+    _print_bench(results, args.out)
     return 0
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` torch threads, then restore the count. The teaching verbs run small
-    tensors: one thread is often much faster than two on a busy machine."""
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch threads (None: as they are), then restore the count: the one place
+    vqkit sets it. Most verbs run small tensors, where one thread is often much faster than two
+    on a busy machine; 1 also makes the bench's real-time factors comparable with Codec 2's."""
     import torch
 
+    if n is None:
+        yield
+        return
     if n < 1:
         raise VqkitError(f"--threads must be >= 1, got {n}")
     before = torch.get_num_threads()

@@ -172,12 +172,7 @@ def _chunk_results(
     """Results in completion order, from this process or a pool made before any progress bar."""
     if workers == 1 or len(chunks) < 2:
         worker = _Worker(src, out, config)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # per-file tensors are tiny: threads only add contention
-        try:
-            yield (worker(chunk) for chunk in chunks)
-        finally:
-            torch.set_num_threads(threads)
+        yield (worker(chunk) for chunk in chunks)
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")

@@ -204,24 +204,16 @@ def run_bench(
     model: str | os.PathLike = "default",
     bitrates: Sequence[float] | None = None,
     baselines: Sequence[str] = BASELINES,
-    threads: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the model at ``bitrates`` (default: all it offers) and the ``baselines`` on every clip
     of ``audio_dir``; write ``OUT/results.json``, ``results.csv`` (summary), ``clips.csv``,
     ``audio/`` and ``report.html``. Returns the results as written.
 
-    Torch runs on ``threads`` threads meanwhile (restored after): 1 makes the model's real-time
-    factors comparable with the single-threaded Codec 2 and Opus tools.
+    The model runs on the caller's torch threads (``vqkit bench`` sets ``--threads``, default 1,
+    which makes its real-time factors comparable with the single-threaded Codec 2 and Opus).
     """
-    if threads < 1:
-        raise VqkitError(f"threads must be at least 1, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _bench(Path(audio_dir), Path(out), model, bitrates, baselines, progress)
-    finally:
-        torch.set_num_threads(previous)
+    return _bench(Path(audio_dir), Path(out), model, bitrates, baselines, progress)
 
 
 def _bench(

@@ -83,11 +83,9 @@ def train(
 
     Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK set) this joins the process group first.
     Ctrl-C (or SIGTERM) saves ``last`` after the current step, then raises KeyboardInterrupt.
+    Torch runs on the caller's threads (``vqkit train`` applies ``train.threads``).
     """
     dist = init_distributed(config.train.device)
-    threads = torch.get_num_threads()
-    if config.train.threads > 0:
-        torch.set_num_threads(config.train.threads)
     try:
         session = start(config, Path(data), Path(run), resume, dist)
         val_row = loop(session)
@@ -95,7 +93,6 @@ def train(
         model = session.model.eval()
         return TrainResult(model, session.run, session.step, session.best, val_row, test_row)
     finally:
-        torch.set_num_threads(threads)
         dist.close()
 
 

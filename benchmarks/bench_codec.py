@@ -42,8 +42,8 @@ def random_model(recipe: Path, path: Path) -> Path:
     n_bins = make_frontend(config.features, config.audio.sample_rate).n_bins
     torch.manual_seed(0)
     model = build_model(config, (n_bins,))
-    tensors = {"norm.mean": torch.full((n_bins,), -40.0), "norm.std": torch.full((n_bins,), 20.0)}
-    save_checkpoint(path, model, config, tensors=tensors, meta={"in_shape": [n_bins]})
+    model.normaliser.set_statistics(torch.full((n_bins,), -40.0), torch.full((n_bins,), 20.0))
+    save_checkpoint(path, model, config, meta={"in_shape": [n_bins]})
     return path
 
 

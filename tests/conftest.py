@@ -131,7 +131,7 @@ def save_random_codec(
     if kmeans_on is not None:
         with torch.no_grad():
             model.train()((kmeans_on - mean) / std)
-    tensors = {"norm.mean": torch.full((n_bins,), mean), "norm.std": torch.full((n_bins,), std)}
-    meta = {"in_shape": [n_bins], **(meta or {})}
-    save_checkpoint(path, model, config, tensors=tensors, meta=meta)
+    if model.normaliser.meanstd is not None:
+        model.normaliser.set_statistics(torch.full((n_bins,), mean), torch.full((n_bins,), std))
+    save_checkpoint(path, model, config, meta={"in_shape": [n_bins], **(meta or {})})
     return path

@@ -44,16 +44,16 @@ def test_round_trip_is_exact(tmp_path: Path, bottleneck: str) -> None:
     n_codebooks = 2 if "rvq" in bottleneck else 1
     config = tiny_config(f"bottleneck.{bottleneck}", f"bottleneck.n_codebooks={n_codebooks}")
     model, _ = trained_model(config)
-    norm = {"norm.mean": torch.randn(12), "norm.std": torch.rand(12) + 0.5}
+    model.normaliser.set_statistics(torch.randn(12), torch.rand(12) + 0.5)
+    extra = {"extra.scale": torch.randn(3)}
     path = tmp_path / "model.safetensors"
-    save_checkpoint(path, model, config, tensors=norm, meta={"step": 7, "in_shape": [12]})
+    save_checkpoint(path, model, config, tensors=extra, meta={"step": 7, "in_shape": [12]})
 
     loaded = load_checkpoint(path)
     assert loaded.config == config
     assert loaded.meta == {"step": 7, "in_shape": [12]}
-    assert loaded.tensors.keys() == norm.keys()
-    for name, tensor in norm.items():
-        assert torch.equal(loaded.tensors[name], tensor)
+    assert loaded.tensors.keys() == extra.keys()
+    assert torch.equal(loaded.tensors["extra.scale"], extra["extra.scale"])
     reference = model.state_dict()
     assert loaded.model.state_dict().keys() == reference.keys()
     for name, tensor in loaded.model.state_dict().items():
@@ -201,3 +201,34 @@ def test_resolve_model(tmp_path: Path) -> None:
         assert "no default model" in str(e)
     else:
         assert default.name == "default.safetensors" and default.is_file()
+
+
+def test_a_checkpoint_with_the_normaliser_beside_the_weights_still_loads(tmp_path: Path) -> None:
+    """Checkpoints written before the normaliser joined the model (the shipped one among them)
+    keep its statistics as "norm.mean" and "norm.std": they load into ``model.normaliser``, and
+    the model id, which leaves the normaliser out, is the same either way."""
+    config = tiny_config("features.normalise='meanstd'")
+    model, _ = trained_model(config)
+    mean, std = torch.randn(12), torch.rand(12) + 0.5
+    legacy = {k: v for k, v in model.state_dict().items() if not k.startswith("normaliser.")}
+    flat = {f"model.{k}": v.contiguous() for k, v in legacy.items()}
+    flat |= {"norm.mean": mean, "norm.std": std}
+    save_file(flat, str(tmp_path / "old.safetensors"), metadata=_metadata(config))
+    model.normaliser.set_statistics(mean, std)
+    save_checkpoint(tmp_path / "new.safetensors", model, config, meta={"in_shape": [12]})
+
+    old, new = (load_checkpoint(tmp_path / f"{n}.safetensors") for n in ("old", "new"))
+    assert torch.equal(old.model.normaliser.meanstd.mean, mean) and not old.tensors
+    assert torch.equal(old.model.normaliser.meanstd.std, new.model.normaliser.meanstd.std)
+    assert old.model_id == new.model_id
+
+
+def _metadata(config: Config) -> dict[str, str]:
+    from vqkit.config import config_to_dict
+
+    return {
+        "format": "vqkit-checkpoint",
+        "version": str(FORMAT_VERSION),
+        "config": json.dumps(config_to_dict(config), sort_keys=True),
+        "meta": json.dumps({"in_shape": [12]}),
+    }

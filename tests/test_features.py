@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from vqkit.audio.frontends import make_frontend, ratek_frequencies
-from vqkit.audio.normalise import MeanStd, Normaliser, minmax_denormalise, minmax_normalise
 from vqkit.audio.stft import DB_FLOOR, griffin_lim, mel_filters
 from vqkit.config import FeatureConfig
 from vqkit.errors import VqkitError
+from vqkit.nn.normalise import MeanStd, Normaliser, minmax_denormalise, minmax_normalise
 
 ENVELOPE_DB = {"f0": 120.0, "peaks": ((700.0, 250.0, 20.0), (2200.0, 400.0, 12.0)), "tilt": 400.0}
 

@@ -433,8 +433,13 @@ def config(section: str, key: str, value: object) -> Callable[[Path, Path], None
 
 
 def weights(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Path, Path], None]:
+    """Change every weight of the network (not the normaliser's statistics)."""
+    network = ("model.", "model.normaliser.")
     return tampered(
-        tensors=lambda flat: {k: change(v) if k[:6] == "model." else v for k, v in flat.items()}
+        tensors=lambda flat: {
+            k: change(v) if k.startswith(network[0]) and not k.startswith(network[1]) else v
+            for k, v in flat.items()
+        }
     )
 
 
@@ -476,12 +481,14 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, Path], object], str]] = {
     "NaN weights": (weights(lambda v: v * np.nan if v.is_floating_point() else v), "NaN or Inf"),
     "integer weights": (weights(lambda v: v.long()), "has dtype torch.int64: damaged"),
     "normaliser of another shape": (
-        tampered(tensors=lambda flat: {**flat, "norm.mean": torch.zeros(3)}),
-        r"norm.mean has shape \(3,\), not \(65,\)",
+        tampered(tensors=lambda flat: {**flat, "model.normaliser.meanstd.mean": torch.zeros(3)}),
+        r"another model.*'normaliser.meanstd.mean'",
     ),
     "normaliser with zero std": (
-        tampered(tensors=lambda flat: {**flat, "norm.std": torch.zeros(N_BINS)}),
-        "normaliser is damaged",
+        tampered(
+            tensors=lambda flat: {**flat, "model.normaliser.meanstd.std": torch.zeros(N_BINS)}
+        ),
+        "normaliser's statistics are damaged",
     ),
     "model rate 1 Hz": (config("audio", "sample_rate", 1), "audio.sample_rate 1 Hz is outside"),
     "a folder, not a run": (file(Path.mkdir), "without checkpoints"),

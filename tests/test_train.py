@@ -121,7 +121,7 @@ def test_cli_end_to_end(tiny_cache: Path, tmp_path: Path, capsys: pytest.Capture
     assert last.config == best.config
     assert saved["model"]["hidden"] == last.config.model.hidden == 32
     assert last.meta["step"] == 6 and last.optimizer is not None and best.optimizer is None
-    assert torch.equal(last.tensors["norm.mean"], torch.from_numpy(cache.stats["mean"]))
+    assert torch.equal(last.model.normaliser.meanstd.mean, torch.from_numpy(cache.stats["mean"]))
     capsys.readouterr()
 
     assert main([*argv, *sets]) == 1

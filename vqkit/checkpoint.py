@@ -3,8 +3,10 @@
 A checkpoint file holds
   metadata  {"format": "vqkit-checkpoint", "version": "1", "config": <json>, "meta": <json>}
             and, for a resumable checkpoint, "optimizer" and "scheduler" (JSON without tensors);
-  tensors   "model.<name>" (the model's state_dict), other named tensors such as "norm.mean" and
-            "norm.std" (the normaliser the data used), "optimizer.<param>.<key>" (optimizer state).
+  tensors   "model.<name>" (the model's state_dict, its normaliser's statistics included), other
+            named tensors, "optimizer.<param>.<key>" (optimizer state). Checkpoints written before
+            the normaliser joined the model keep its statistics as "norm.mean" and "norm.std";
+            they are read into ``model.normaliser`` (:data:`LEGACY_NORMALISER`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from vqkit.audio.normalise import Normaliser
 from vqkit.config import Config, config_from_dict, config_to_dict
 from vqkit.errors import VqkitError
 from vqkit.files import atomic_path
@@ -32,6 +33,8 @@ FORMAT = "vqkit-checkpoint"
 FORMAT_VERSION = 1
 MODEL_PREFIX = "model."
 OPTIMIZER_PREFIX = "optimizer."
+NORMALISER_PREFIX = "normaliser."  # model weights that the model id leaves out (see model_id)
+LEGACY_NORMALISER = {"norm.mean": "normaliser.meanstd.mean", "norm.std": "normaliser.meanstd.std"}
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Checkpoint:
 
     model: Autoencoder  # in eval mode
     config: Config
-    tensors: dict[str, Tensor]  # non-model, non-optimizer tensors, e.g. "norm.mean"
+    tensors: dict[str, Tensor]  # non-model, non-optimizer tensors
     meta: dict[str, Any]
     model_id: str  # sha256 of weights + config, 16 hex digits
     optimizer: dict[str, Any] | None = field(default=None, repr=False)
@@ -97,6 +100,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
     except VqkitError as e:
         raise VqkitError(f"{path} has a config this vqkit cannot load: {e}") from None
     weights = {k[len(MODEL_PREFIX) :]: v for k, v in flat.items() if k.startswith(MODEL_PREFIX)}
+    if not any(k.startswith(NORMALISER_PREFIX) for k in weights):
+        weights |= {new: flat.pop(old) for old, new in LEGACY_NORMALISER.items() if old in flat}
     model = _build_and_fill(path, config, meta, weights)
     optimizer, scheduler = None, None
     try:
@@ -120,31 +125,13 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
     )
 
 
-def checkpoint_normaliser(checkpoint: Checkpoint, n_bins: int | None = None) -> Normaliser:
-    """The normaliser the model was trained with, from the statistics saved beside its weights.
-
-    ``n_bins`` (when given) is the feature count the statistics must have.
-    """
-    kind = checkpoint.config.features.normalise
-    if kind != "meanstd":
-        return Normaliser(kind)
-    if not {"norm.mean", "norm.std"} <= set(checkpoint.tensors):
-        raise VqkitError("the checkpoint lacks the normaliser's norm.mean and norm.std")
-    mean, std = checkpoint.tensors["norm.mean"], checkpoint.tensors["norm.std"]
-    if n_bins is not None and mean.shape != (n_bins,):
-        raise VqkitError(
-            f"the checkpoint's norm.mean has shape {tuple(mean.shape)}, not ({n_bins},): damaged"
-        )
-    try:
-        return Normaliser(kind, mean, std)
-    except ValueError as e:
-        raise VqkitError(f"the checkpoint's normaliser is damaged: {e}") from None
-
-
 def model_id(weights: dict[str, Tensor], config: Config) -> str:
-    """A short content hash of the weights and the config: 16 hex digits of sha256."""
+    """A short content hash of the network's weights and the config: 16 hex digits of sha256.
+
+    The normaliser's statistics are left out, as they were when they travelled beside the weights,
+    so that the ids of models saved before (the shipped one among them) stay what they were."""
     digest = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode())
-    for name in sorted(weights):
+    for name in sorted(k for k in weights if not k.startswith(NORMALISER_PREFIX)):
         tensor = weights[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -186,6 +173,8 @@ def _build_and_fill(
     reshaped = sorted(
         k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape
     )
+    if missing and all(k.startswith(NORMALISER_PREFIX) for k in missing):
+        raise VqkitError(f"{path}: the checkpoint lacks the normaliser's mean and std: damaged")
     if missing or unexpected or reshaped:
         example = (missing or unexpected or reshaped)[0]
         raise VqkitError(
@@ -200,6 +189,10 @@ def _build_and_fill(
             raise VqkitError(f"{path}: weight '{name}' holds NaN or Inf (training diverged?)")
     model = _build(path, config, tuple(in_shape), None)
     model.load_state_dict(weights, strict=True)
+    try:
+        model.normaliser.check()
+    except ValueError as e:
+        raise VqkitError(f"{path}: the normaliser's statistics are damaged ({e})") from None
     return model
 
 

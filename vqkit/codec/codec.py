@@ -40,15 +40,15 @@ from vqkit.audio.io import (
     resample_stream,
     write_audio_blocks,
 )
-from vqkit.audio.normalise import Normaliser
 from vqkit.audio.synthesis import make_synthesiser, postfilter
-from vqkit.checkpoint import Checkpoint, checkpoint_normaliser, load_checkpoint
+from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.codec.codefile import EncodedAudio, bits_per_code
 from vqkit.codec.side import pitch_codes, pitch_from_codes, side_codebooks
 from vqkit.codec.stream import synthesise_chunked
 from vqkit.config import Config
 from vqkit.errors import VqkitError
 from vqkit.files import atomic_write_bytes
+from vqkit.nn.normalise import Normaliser
 from vqkit.run import resolve_model
 
 PROBE_FRAMES = 256  # first input length for measuring a network's receptive field
@@ -66,7 +66,7 @@ class Codec:
         self.model_id = checkpoint.model_id
         self.sample_rate = config.audio.sample_rate
         self.frontend = make_frontend(config.features, self.sample_rate)
-        self.normaliser = _normaliser(checkpoint, self.frontend.n_bins)
+        self.normaliser = _normaliser(checkpoint)
         self.hop_length = self.frontend.hop_length
         self.downsample = model.downsample  # feature frames per code frame
         self.n_codebooks = model.bottleneck.n_codebooks
@@ -337,14 +337,14 @@ def _check_model(config: Config, model: nn.Module) -> None:
         )
 
 
-def _normaliser(checkpoint: Checkpoint, n_bins: int) -> Normaliser:
-    kind = checkpoint.config.features.normalise
-    if kind not in ("none", "meanstd"):
+def _normaliser(checkpoint: Checkpoint) -> Normaliser:
+    normaliser = checkpoint.model.normaliser
+    if normaliser.n_side:
         raise VqkitError(
-            f"the codec needs features.normalise 'meanstd' or 'none', not '{kind}' "
+            f"the codec needs features.normalise 'meanstd' or 'none', not '{normaliser.kind}' "
             "(per-utterance min-max values are side information it does not carry)"
         )
-    return checkpoint_normaliser(checkpoint, n_bins)
+    return normaliser
 
 
 def _reach(net: nn.Module, channels: int, factor: int, downsampling: bool) -> int:

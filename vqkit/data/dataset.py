@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqkit.audio.normalise import Normaliser
 from vqkit.audio.stft import DB_FLOOR
 from vqkit.data.cache import FeatureCache
 from vqkit.errors import VqkitError
+from vqkit.nn.normalise import Normaliser
 
 
 def make_normaliser(cache: FeatureCache) -> Normaliser:

@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from vqkit.audio.frontends import KINDS, make_frontend
 from vqkit.audio.io import fix_length, read_audio
-from vqkit.audio.normalise import NORMALISERS
 from vqkit.config import Config
 from vqkit.data.cache import (
     FEATURES,
@@ -41,6 +40,7 @@ from vqkit.data.images import find_image_layout
 from vqkit.data.writer import PrepareSummary, locked, remove_unused_shards, shard_name, write_config
 from vqkit.errors import VqkitError
 from vqkit.files import atomic_path, atomic_write_bytes, write_json
+from vqkit.nn.normalise import NORMALISERS
 
 SHARD_ITEMS = 32  # utterances per features file: fewer files and fsyncs, small resume loss
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vqkit.checkpoint import Checkpoint, checkpoint_normaliser, load_checkpoint
+from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.config import config_to_dict
 from vqkit.data.cache import FeatureCache
 from vqkit.data.dataset import SegmentDataset
@@ -52,7 +52,7 @@ def evaluate_run(
     dataset = SegmentDataset(cache, split, eval_frames(config), train=False)
     if len(dataset) == 0:
         raise VqkitError(f"{cache.root} has no '{split}' items to evaluate")
-    dataset.normaliser = checkpoint_normaliser(checkpoint)
+    dataset.normaliser = checkpoint.model.normaliser
     model = checkpoint.model.to(device)
     metrics = evaluate(model, dataset, config, torch.device(device), n_items=len(dataset))
     out = Path(out)

@@ -35,6 +35,7 @@ from vqkit.nn.blocks import (
     residual_stack,
 )
 from vqkit.nn.bottleneck import Bottleneck, BottleneckOutput, Gaussian, build_bottleneck
+from vqkit.nn.normalise import Normaliser
 
 KINDS = ("conv1d", "conv2d", "convlist")
 
@@ -261,9 +262,13 @@ class Autoencoder(nn.Module):
         bottleneck: Bottleneck,
         decoder: nn.Module,
         in_shape: tuple[int, ...] | None = None,
+        normaliser: Normaliser | None = None,
     ) -> None:
         super().__init__()
         self.encoder, self.bottleneck, self.decoder = encoder, bottleneck, decoder
+        # How the features the model sees were normalised: not used by forward, but kept in the
+        # state dict so that whoever decodes (the codec, the tools) undoes the same statistics.
+        self.normaliser = normaliser if normaliser is not None else Normaliser("none")
         self.in_shape = tuple(in_shape) if in_shape is not None else None
         self.dims: int = encoder.dims  # trailing axes of x that are padded and cropped
         self.multiple: int = encoder.multiple
@@ -337,7 +342,9 @@ def build_model(config: Config, in_shape: tuple[int, ...]) -> Autoencoder:
     """The autoencoder of ``config.model`` and ``config.bottleneck`` for inputs of ``in_shape``.
 
     ``in_shape`` is ``(F,)`` for spectrograms ``(B, F, N)`` (``(F, N)`` fixes N), or ``(C, H, W)``
-    for images. ``conv2d`` and ``convlist`` see a spectrogram as a one-channel image.
+    for images. ``conv2d`` and ``convlist`` see a spectrogram as a one-channel image. The model's
+    normaliser is ``config.features.normalise``, "meanstd" statistics zero and one until
+    :meth:`~vqkit.nn.normalise.Normaliser.set_statistics` (training) or a checkpoint fills them.
     """
     m, in_shape = config.model, tuple(int(s) for s in in_shape)
     if not 1 <= len(in_shape) <= 3 or min(in_shape) < 1:
@@ -359,7 +366,15 @@ def build_model(config: Config, in_shape: tuple[int, ...]) -> Autoencoder:
     else:
         raise VqkitError(f"unknown model.kind '{m.kind}'; valid: {', '.join(KINDS)}")
     latent_dim = m.dense_dim if m.kind == "convlist" and m.dense_dim > 0 else m.latent_dim
-    return Autoencoder(encoder, build_bottleneck(config.bottleneck, latent_dim), decoder, in_shape)
+    bottleneck = build_bottleneck(config.bottleneck, latent_dim)
+    return Autoencoder(encoder, bottleneck, decoder, in_shape, _normaliser(config, in_shape))
+
+
+def _normaliser(config: Config, in_shape: tuple[int, ...]) -> Normaliser:
+    kind = "none" if len(in_shape) == 3 else config.features.normalise  # images: [-0.5, 0.5]
+    if kind != "meanstd":
+        return Normaliser(kind)
+    return Normaliser(kind, torch.zeros(in_shape[0]), torch.ones(in_shape[0]))
 
 
 def _fixed_size(config: Config, in_shape: tuple[int, ...]) -> tuple[int, int]:

@@ -312,7 +312,8 @@ def _manifest(
 ) -> dict[str, Any]:
     model = checkpoint.model
     bottleneck = model.bottleneck
-    norm = {k.split(".", 1)[1]: v.tolist() for k, v in checkpoint.tensors.items() if "norm." in k}
+    stats = checkpoint.model.normaliser.meanstd
+    norm = {"mean": stats.mean.tolist(), "std": stats.std.tolist()} if stats is not None else {}
     return {
         "format": format,
         "encoder": encoder_path.name,

@@ -18,14 +18,14 @@ from torch import Tensor
 
 from vqkit.audio.frontends import make_frontend
 from vqkit.audio.io import read_audio
-from vqkit.audio.normalise import Normaliser
 from vqkit.audio.stft import Frontend
-from vqkit.checkpoint import Checkpoint, checkpoint_normaliser, load_checkpoint
+from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.config import Config
 from vqkit.data.cache import MANIFEST, FeatureCache, read_manifest
 from vqkit.data.dataset import item_side_info
 from vqkit.errors import VqkitError
 from vqkit.nn.model import Autoencoder
+from vqkit.nn.normalise import Normaliser
 from vqkit.run import resolve_model
 
 
@@ -65,7 +65,7 @@ def load_spectrogram_model(model: str | os.PathLike) -> SpectrogramModel:
     if getattr(checkpoint.model.encoder, "dense", False):
         raise VqkitError(f"{model} takes only inputs of one fixed size (model.dense_dim > 0)")
     frontend = make_frontend(config.features, config.audio.sample_rate)
-    return SpectrogramModel(checkpoint, frontend, checkpoint_normaliser(checkpoint), str(model))
+    return SpectrogramModel(checkpoint, frontend, checkpoint.model.normaliser, str(model))
 
 
 def parse_cache_ref(text: str) -> tuple[Path, str] | None:

@@ -114,7 +114,11 @@ def start(config: Config, data: Path, run: Path, resume: bool, dist: Distributed
     first = SegmentDataset(cache, "train", tc.segment_frames, train=False)[0]
     in_shape = input_shape(config, first)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
-    model = build_model(config, in_shape).to(dist.device)
+    model = build_model(config, in_shape)
+    if model.normaliser.meanstd is not None:  # the statistics the data is normalised with
+        stats = {k: torch.from_numpy(cache.stats[k]) for k in ("mean", "std")}
+        model.normaliser.set_statistics(**stats)
+    model = model.to(dist.device)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
     log = MetricsLog(RunFolder(run).metrics, keep_until=0) if dist.is_main else None
@@ -328,13 +332,11 @@ def save(s: Session, name: str) -> None:
         "in_shape": list(s.in_shape),
         "world_size": s.dist.world_size,
     }
-    norm = {f"norm.{k}": torch.from_numpy(v) for k, v in s.cache.stats.items()}
     resumable = name == "last"
     save_checkpoint(
         RunFolder(s.run).checkpoint(name),
         s.model,
         s.config,
-        tensors=norm,
         meta=meta,
         optimizer=s.optimizer if resumable else None,
         scheduler=s.scheduler if resumable else None,

@@ -5,7 +5,9 @@
   the bitrate;
 - dataset-level mean/std per frequency bin (:class:`MeanStd`), statistics from the training split.
 
-:class:`Normaliser` puts them behind one interface chosen by ``FeatureConfig.normalise``.
+:class:`Normaliser` puts them behind one interface chosen by ``FeatureConfig.normalise``. Every
+model carries one as its ``normaliser`` submodule, so the statistics it was trained with travel in
+its state dict (``normaliser.meanstd.mean`` and ``.std``).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class MeanStd(torch.nn.Module):
         std = torch.as_tensor(std, dtype=torch.float32)
         if mean.dim() != 1 or std.shape != mean.shape:
             raise ValueError(f"expected mean and std (F,), got {mean.shape} and {std.shape}")
-        if not bool((std > 0).all()):
+        if not std.is_meta and not bool((std > 0).all()):  # meta: shapes only, no values
             raise ValueError("std must be positive in every bin")
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
@@ -102,6 +104,28 @@ class Normaliser(torch.nn.Module):
             if mean is None or std is None:
                 raise ValueError("normalise='meanstd' needs the dataset mean and std")
             self.meanstd = MeanStd(mean, std)
+
+    def set_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """Copy the dataset ``mean`` and ``std`` ``(F,)`` of a "meanstd" normaliser in place."""
+        if self.meanstd is None:
+            raise ValueError(f"a '{self.kind}' normaliser has no statistics")
+        fresh = MeanStd(mean, std)  # checks shapes and a positive std
+        if fresh.mean.shape != self.meanstd.mean.shape:
+            raise ValueError(
+                f"expected statistics of shape {tuple(self.meanstd.mean.shape)}, "
+                f"got {tuple(fresh.mean.shape)}"
+            )
+        self.meanstd.load_state_dict(fresh.state_dict())
+
+    def check(self) -> None:
+        """Raise ValueError unless the statistics are finite with a positive std."""
+        if self.meanstd is None:
+            return
+        mean, std = self.meanstd.mean, self.meanstd.std
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError("mean or std holds NaN or Inf")
+        if not bool((std > 0).all()):
+            raise ValueError("std must be positive in every bin")
 
     def side_info(self, x: Tensor) -> Tensor:
         """``(B, F, N)`` -> ``(B, n_side)``."""

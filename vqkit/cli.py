@@ -9,10 +9,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from vqkit import __version__
+from vqkit.config import Layout, choices
 from vqkit.errors import VqkitError
-
-LAYOUTS = ("auto", "folder", "fsdd", "l2arctic", "speechcommands", "ljspeech")
-LAYOUTS += ("cifar10", "mnist-idx", "image-folder", "sklearn-digits")  # corpora.IMAGE_LAYOUTS
 
 
 def _csv(text: str) -> list[str]:
@@ -267,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("prepare", cmd_prepare, "build a feature cache from a speech or image corpus")
     p.add_argument("src", type=Path, help="corpus root")
     p.add_argument("out", type=Path, help="output feature cache folder")
-    p.add_argument("--layout", choices=LAYOUTS, help="corpus layout (default: from config, auto)")
+    p.add_argument(
+        "--layout", choices=choices(Layout), help="corpus layout (default: from config, auto)"
+    )
     p.add_argument("--config", type=Path, help="TOML recipe")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--speakers", help="comma-separated speakers to keep (l2arctic, folder)")

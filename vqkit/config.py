@@ -13,9 +13,32 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vqkit.errors import VqkitError
+
+# The enumerated values, each defined once: the modules that dispatch on them list their choices
+# with :func:`choices`, and loading a config checks them (a typo names the valid values).
+PadSide = Literal["right", "left"]
+PadMode = Literal["constant", "reflect"]  # zeros | reflection
+FeatureKind = Literal["stft", "mel", "ratek", "envelope", "image"]
+Normalise = Literal["none", "minmax", "minmax_sym", "meanstd"]
+SpeechLayout = Literal["auto", "folder", "fsdd", "l2arctic", "speechcommands", "ljspeech"]
+ImageLayout = Literal["cifar10", "mnist-idx", "image-folder", "sklearn-digits"]
+Layout = Literal[SpeechLayout, ImageLayout]
+ModelKind = Literal["conv1d", "conv2d", "convlist"]
+BottleneckKind = Literal["identity", "gaussian", "vq", "rvq", "fsq"]
+ReconLoss = Literal["mse", "l1", "l1+mse"]
+Device = Literal["auto", "cpu", "cuda"]
+Synthesis = Literal["griffinlim", "harmonic"]
+
+
+def choices(tp: Any) -> tuple[str, ...]:
+    """The values of a ``Literal`` type (nested ones flattened), in order."""
+    values: list[str] = []
+    for arg in typing.get_args(tp):
+        values += choices(arg) if typing.get_origin(arg) is Literal else [arg]
+    return tuple(values)
 
 
 @dataclass(frozen=True)
@@ -24,8 +47,8 @@ class AudioConfig:
 
     sample_rate: int = 16000
     duration: float = 0.0  # seconds; 0 keeps each file's own length
-    pad_side: str = "right"  # right | left
-    pad_mode: str = "constant"  # constant (zeros) | reflect
+    pad_side: PadSide = "right"
+    pad_mode: PadMode = "constant"
 
 
 @dataclass(frozen=True)
@@ -34,7 +57,7 @@ class FeatureConfig:
 
     # stft (log-magnitude dB) | mel (log-mel dB) | ratek (Codec 2 rate-K) | image
     # | envelope (pitch-adaptive envelope at rate_k points, F0 and voicing: vqkit.audio.envelope)
-    kind: str = "stft"
+    kind: FeatureKind = "stft"
     n_fft: int = 512
     hop_length: int = 128
     win_length: int = 0  # 0 means n_fft
@@ -42,14 +65,14 @@ class FeatureConfig:
     fmin: float = 0.0
     fmax: float = 0.0  # 0 means sample_rate / 2
     rate_k: int = 20  # number of rate-K envelope samples
-    normalise: str = "meanstd"  # none | minmax | minmax_sym | meanstd
+    normalise: Normalise = "meanstd"
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Corpus layout, subsets and the split."""
 
-    layout: str = "auto"
+    layout: Layout = "auto"
     speakers: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     max_per_speaker: int = 0  # 0 means no limit
@@ -63,7 +86,7 @@ class DataConfig:
 class ModelConfig:
     """Encoder and decoder (see :mod:`vqkit.nn.model`)."""
 
-    kind: str = "conv1d"  # conv1d (bins as channels) | conv2d (features as an image) | convlist
+    kind: ModelKind = "conv1d"  # conv1d (bins as channels) | conv2d (an image) | convlist
     hidden: int = 128
     latent_dim: int = 64
     n_res_blocks: int = 2
@@ -78,7 +101,7 @@ class ModelConfig:
 class BottleneckConfig:
     """The latent bottleneck (see :mod:`vqkit.nn.bottleneck`)."""
 
-    kind: str = "vq"  # identity (AE) | gaussian (VAE) | vq | rvq | fsq
+    kind: BottleneckKind = "vq"  # identity (AE) | gaussian (VAE) | vq | rvq | fsq
     codebook_size: int = 512
     codebook_dim: int = 0  # 0 means latent_dim; smaller projects to a low-dimensional lookup
     n_codebooks: int = 1
@@ -106,13 +129,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    recon_loss: str = "mse"  # mse | l1 | l1+mse
+    recon_loss: ReconLoss = "mse"
     log_every: int = 50
     eval_every: int = 500
     checkpoint_every: int = 500
     eval_batches: int = 20
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = "auto"
     threads: int = 0  # 0 leaves torch's default
 
 
@@ -120,7 +143,7 @@ class TrainConfig:
 class CodecConfig:
     """Encoding to and decoding from ``.vqc`` files (see :mod:`vqkit.codec.codec`)."""
 
-    synthesis: str = "griffinlim"  # griffinlim (stft, mel) | harmonic (envelope)
+    synthesis: Synthesis = "griffinlim"  # griffinlim (stft, mel) | harmonic (envelope)
     gl_iters: int = 32
     gl_momentum: float = 0.99
     chunk_seconds: float = 20.0
@@ -150,7 +173,17 @@ def _suggest(name: str, options: list[str]) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (int, float, str, bool or tuple[X, ...])."""
+    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, a ``Literal`` of
+    strings or tuple[X, ...])."""
+    if typing.get_origin(tp) is Literal:
+        options = choices(tp)
+        if not isinstance(value, str):
+            raise VqkitError(f"{where} must be str (one of {', '.join(options)}), got {value!r}")
+        if value not in options:
+            near = difflib.get_close_matches(str(value), options, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise VqkitError(f"{where} must be one of {', '.join(options)}, got {value!r}{hint}")
+        return value
     if typing.get_origin(tp) is tuple:
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         if not isinstance(value, list | tuple):

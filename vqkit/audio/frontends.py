@@ -29,10 +29,10 @@ from torch import Tensor
 
 from vqkit.audio.envelope import EnvelopeFrontend
 from vqkit.audio.stft import DB_FLOOR, Frontend, hz_to_mel_htk, mel_filters, mel_to_hz_htk
-from vqkit.config import FeatureConfig
+from vqkit.config import FeatureConfig, FeatureKind, choices
 from vqkit.errors import VqkitError
 
-KINDS = ("stft", "mel", "ratek", "envelope")
+KINDS = tuple(k for k in choices(FeatureKind) if k != "image")  # the audio ones
 CODEC2_FMIN, CODEC2_FMAX = 200.0, 3700.0  # rate-K sampling range of Codec 2 700C
 LIFTER_SECONDS = 0.002  # cepstral lifter cutoff for the rate-K envelope
 

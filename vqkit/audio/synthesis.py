@@ -28,10 +28,10 @@ from torch import Tensor
 
 from vqkit.audio.envelope import F0_MIN, EnvelopeFrontend, interp
 from vqkit.audio.stft import Frontend, griffin_lim, hz_to_mel_htk, istft, stft
-from vqkit.config import CodecConfig
+from vqkit.config import CodecConfig, Synthesis, choices
 from vqkit.errors import VqkitError
 
-SYNTHESISERS = ("griffinlim", "harmonic")
+SYNTHESISERS = choices(Synthesis)
 
 
 class Synthesiser(Protocol):

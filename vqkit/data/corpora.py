@@ -32,11 +32,11 @@ from pathlib import Path
 
 import soundfile as sf
 
-from vqkit.config import DataConfig
+from vqkit.config import DataConfig, ImageLayout, Layout, choices
 from vqkit.errors import VqkitError
 
-IMAGE_LAYOUTS = ("cifar10", "mnist-idx", "image-folder", "sklearn-digits")
-LAYOUTS = ("auto", "folder", "fsdd", "l2arctic", "speechcommands", "ljspeech", *IMAGE_LAYOUTS)
+IMAGE_LAYOUTS = choices(ImageLayout)
+LAYOUTS = choices(Layout)
 SPLITS = ("train", "val", "test")
 # Every format libsndfile reads, by its name, plus the usual other spellings of their suffixes.
 AUDIO_SUFFIXES = frozenset(

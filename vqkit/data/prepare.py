@@ -10,7 +10,6 @@ name, skipped and counted; they are retried by the next run.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import multiprocessing
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vqkit.audio.frontends import KINDS, make_frontend
+from vqkit.audio.frontends import make_frontend
 from vqkit.audio.io import fix_length, read_audio
 from vqkit.config import Config
 from vqkit.data.cache import (
@@ -34,13 +33,12 @@ from vqkit.data.cache import (
     STD_FLOOR_DB,
     check_row,
 )
-from vqkit.data.corpora import LAYOUTS, SPLITS, Utterance, list_corpus
+from vqkit.data.corpora import SPLITS, Utterance, list_corpus
 from vqkit.data.image_prepare import prepare_images
 from vqkit.data.images import find_image_layout
 from vqkit.data.writer import PrepareSummary, locked, remove_unused_shards, shard_name, write_config
 from vqkit.errors import VqkitError
 from vqkit.files import atomic_path, atomic_write_bytes, write_json
-from vqkit.nn.normalise import NORMALISERS
 
 SHARD_ITEMS = 32  # utterances per features file: fewer files and fsyncs, small resume loss
 
@@ -87,18 +85,6 @@ def prepare(
 
 def check_config(config: Config) -> None:
     """Raise :class:`VqkitError` for settings ``prepare`` cannot use, before any work."""
-    choices = [
-        ("data.layout", config.data.layout, LAYOUTS),
-        ("features.kind", config.features.kind, KINDS),
-        ("features.normalise", config.features.normalise, NORMALISERS),
-        ("audio.pad_side", config.audio.pad_side, ("right", "left")),
-        ("audio.pad_mode", config.audio.pad_mode, ("constant", "reflect")),
-    ]
-    for name, value, options in choices:
-        if value not in options:
-            near = difflib.get_close_matches(str(value), options, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise VqkitError(f"{name}={value!r} is not one of {', '.join(options)}{hint}")
     if config.audio.duration < 0 or config.audio.sample_rate < 1:
         raise VqkitError("audio.duration must be >= 0 and audio.sample_rate >= 1")
     make_frontend(config.features, config.audio.sample_rate)  # checks the STFT settings

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqkit.config import BottleneckConfig
+from vqkit.config import BottleneckConfig, BottleneckKind, choices
 from vqkit.errors import VqkitError
 from vqkit.nn.blocks import flatten_latent, unflatten_latent
 from vqkit.nn.codebook import Codebook, CodebookOptions, broadcast, code_counts, code_stats
 
-KINDS = ("identity", "gaussian", "vq", "rvq", "fsq")
+KINDS = choices(BottleneckKind)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vqkit.config import Config, ModelConfig
+from vqkit.config import Config, ModelConfig, ModelKind, choices
 from vqkit.errors import VqkitError
 from vqkit.nn.blocks import (
     batch_norm,
@@ -37,7 +37,7 @@ from vqkit.nn.blocks import (
 from vqkit.nn.bottleneck import Bottleneck, BottleneckOutput, Gaussian, build_bottleneck
 from vqkit.nn.normalise import Normaliser
 
-KINDS = ("conv1d", "conv2d", "convlist")
+KINDS = choices(ModelKind)
 
 
 def _as_image(x: Tensor, add_channel: bool) -> Tensor:

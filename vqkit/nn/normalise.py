@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vqkit.config import Normalise, choices
 from vqkit.errors import VqkitError
 
-NORMALISERS = ("none", "minmax", "minmax_sym", "meanstd")
+NORMALISERS = choices(Normalise)
 MIN_SPAN = 1e-6  # a constant utterance (digital silence) maps to ``low`` instead of 0/0
 
 

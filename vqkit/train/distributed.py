@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vqkit.config import Device, choices
 from vqkit.errors import VqkitError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -52,8 +53,8 @@ class Distributed:
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """Resolve ``train.device`` ("auto", "cpu" or "cuda") for the process on ``local_rank``."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise VqkitError(f"train.device must be auto, cpu or cuda, got '{name}'")
+    if name not in choices(Device):
+        raise VqkitError(f"train.device must be one of {', '.join(choices(Device))}, got '{name}'")
     if name == "cuda" and not torch.cuda.is_available():
         raise VqkitError("train.device is 'cuda' but no CUDA device is available")
     if name == "cpu" or not torch.cuda.is_available():

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vqkit.config import ReconLoss, choices
 from vqkit.errors import VqkitError
 
 LSD_FLOOR_DB = 80.0  # spectral floor below the reference's loudest bin, so silence is finite
 
-RECON_LOSSES = ("mse", "l1", "l1+mse")
+RECON_LOSSES = choices(ReconLoss)
 
 
 def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: str) -> Tensor:

@@ -321,10 +321,7 @@ class FSQ(Bottleneck):
 
     def _round(self, rows: Tensor) -> Tensor:
         """``(M, D) -> (M, L)`` integer-valued digits centred on 0, with straight-through."""
-        e = self.project_in(rows)
-        half_l = (self.levels - 1) * (1 + 1e-3) / 2
-        offset = (self.levels % 2 == 0).float() * 0.5
-        bounded = torch.tanh(e + torch.atanh(offset / half_l)) * half_l - offset
+        bounded = fsq_bound(self.project_in(rows), self.levels)
         return bounded.round().detach() + (bounded - bounded.detach())
 
     def forward(self, z: Tensor, n_codebooks: int | None = None) -> BottleneckOutput:
@@ -338,8 +335,7 @@ class FSQ(Bottleneck):
         return BottleneckOutput(z_q, self._zero(z), codes, stats)
 
     def _index(self, digits: Tensor) -> Tensor:
-        shifted = digits.detach() + self._half_width()
-        return (shifted.long() * self.basis).sum(1)
+        return fsq_codes(digits.detach(), self.levels, self.basis)
 
     def quantize(self, z: Tensor, n_codebooks: int | None = None) -> Tensor:
         self._check(z)
@@ -349,10 +345,27 @@ class FSQ(Bottleneck):
 
     def dequantize(self, codes: Tensor) -> Tensor:
         _check_codes(codes, 1)
-        rows = codes[:, 0].flatten()
-        digits = (rows.unsqueeze(1) // self.basis) % self.levels - self.levels // 2
-        z_q = self.project_out(digits.float() / self._half_width())
+        digits = fsq_digits(codes[:, 0].flatten(), self.levels, self.basis)
+        z_q = self.project_out(digits / self._half_width())
         return unflatten_latent(z_q, _outer_codes(codes))
+
+
+def fsq_bound(e: Tensor, levels: Tensor) -> Tensor:
+    """FSQ's bounding of projected rows ``(M, L)``: each channel squashed so that rounding gives
+    ``levels[i]`` integer values centred on 0 (plain tensor code, also used by the export)."""
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = (levels % 2 == 0).float() * 0.5
+    return torch.tanh(e + torch.atanh(offset / half_l)) * half_l - offset
+
+
+def fsq_codes(digits: Tensor, levels: Tensor, basis: Tensor) -> Tensor:
+    """Integer digits ``(M, L)`` centred on 0 -> their mixed-radix codes ``(M,)``."""
+    return ((digits + (levels // 2).float()).long() * basis).sum(1)
+
+
+def fsq_digits(codes: Tensor, levels: Tensor, basis: Tensor) -> Tensor:
+    """The inverse of :func:`fsq_codes`: codes ``(M,)`` -> float digits ``(M, L)``."""
+    return ((codes.unsqueeze(1) // basis) % levels - levels // 2).float()
 
 
 def build_bottleneck(config: BottleneckConfig, latent_dim: int) -> Bottleneck:

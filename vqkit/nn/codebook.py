@@ -42,15 +42,18 @@ def broadcast(x: Tensor) -> Tensor:
 def nearest(x: Tensor, codebook: Tensor) -> Tensor:
     """Index of the nearest code (squared Euclidean) for each row: ``(M, d), (K, d) -> (M,)``.
 
+    Searched in chunks of :data:`SEARCH_CHUNK` rows, so memory stays bounded.
+    """
+    return torch.cat([nearest_rows(rows, codebook) for rows in x.split(SEARCH_CHUNK)])
+
+
+def nearest_rows(x: Tensor, codebook: Tensor) -> Tensor:
+    """:func:`nearest` in one piece (plain tensor code, so exported modules use it as it is).
+
     ``|x|^2`` is the same for every code, so ``|c|^2 - 2 x.c`` (one ``addmm``) orders them.
     """
     norms = codebook.pow(2).sum(1)
-    return torch.cat(
-        [
-            torch.addmm(norms, rows, codebook.t(), alpha=-2).argmin(1)
-            for rows in x.split(SEARCH_CHUNK)
-        ]
-    )
+    return torch.addmm(norms, x, codebook.t(), alpha=-2.0).argmin(1)
 
 
 def sample_rows(x: Tensor, n: int) -> Tensor:

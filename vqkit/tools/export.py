@@ -7,8 +7,9 @@
 
 They give the codes and outputs of :meth:`Autoencoder.encode` and :meth:`Autoencoder.decode`
 (``tests/test_teaching.py`` checks it). The conv stacks are traced (they have no shape logic); the
-padding, the code search and the lookups are written out here in plain tensor code, with the
-same operations in the same order as :mod:`vqkit.nn.bottleneck`, so that TorchScript can script
+padding and the stage loop are written out here in plain tensor code around the bottleneck's own
+search and lookup functions (``nearest_rows`` of :mod:`vqkit.nn.codebook`, ``fsq_bound``,
+``fsq_codes`` and ``fsq_digits`` of :mod:`vqkit.nn.bottleneck`), so that TorchScript can script
 them and ``torch.export`` can trace them with a symbolic batch size and length. ``export.json``
 beside the modules records the front end, the normaliser's statistics and the shapes.
 """
@@ -33,7 +34,17 @@ from vqkit.config import config_to_dict
 from vqkit.errors import VqkitError
 from vqkit.files import atomic_path, write_json
 from vqkit.nn.blocks import pad_to_multiple
-from vqkit.nn.bottleneck import FSQ, Gaussian, Identity, ResidualVQ, VectorQuantizer
+from vqkit.nn.bottleneck import (
+    FSQ,
+    Gaussian,
+    Identity,
+    ResidualVQ,
+    VectorQuantizer,
+    fsq_bound,
+    fsq_codes,
+    fsq_digits,
+)
+from vqkit.nn.codebook import nearest_rows
 from vqkit.nn.model import Autoencoder
 from vqkit.run import resolve_model
 
@@ -55,8 +66,7 @@ class _Stage(nn.Module):
         e = self.project_in(rows)
         if self.l2_normalize:
             e = F.normalize(e, dim=1)
-        norms = self.vectors.pow(2).sum(1)
-        return torch.addmm(norms, e, self.vectors.t(), alpha=-2.0).argmin(1)
+        return nearest_rows(e, self.vectors)
 
     def decode(self, codes: Tensor) -> Tensor:
         return self.project_out(F.embedding(codes, self.vectors))
@@ -98,17 +108,12 @@ class _Fsq(nn.Module):
         self.register_buffer("basis", fsq.basis.clone())
 
     def encode(self, z: Tensor) -> Tensor:
-        e = self.project_in(_flatten(z))
-        half_l = (self.levels - 1) * (1 + 1e-3) / 2
-        offset = (self.levels % 2 == 0).float() * 0.5
-        digits = (torch.tanh(e + torch.atanh(offset / half_l)) * half_l - offset).round()
-        shifted = digits + (self.levels // 2).float()
-        return _unflatten((shifted.long() * self.basis).sum(1, keepdim=True), z)
+        digits = fsq_bound(self.project_in(_flatten(z)), self.levels).round()
+        return _unflatten(fsq_codes(digits, self.levels, self.basis)[:, None], z)
 
     def decode(self, codes: Tensor) -> Tensor:
-        rows = codes[:, 0].flatten()
-        digits = (rows.unsqueeze(1) // self.basis) % self.levels - self.levels // 2
-        return _unflatten(self.project_out(digits.float() / (self.levels // 2).float()), codes)
+        digits = fsq_digits(codes[:, 0].flatten(), self.levels, self.basis)
+        return _unflatten(self.project_out(digits / (self.levels // 2).float()), codes)
 
 
 class _Continuous(nn.Module):

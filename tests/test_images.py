@@ -364,7 +364,7 @@ def test_evaluate_speech_features(tiny_cache: Path, tmp_path: Path) -> None:
         tmp_path / "run" / "checkpoints" / "last.safetensors", tiny_cache, tmp_path
     )
     m = result["metrics"]
-    assert m["sd_db"] > 0 and m["lsd_db"] > 0 and 0 < m["usage/0"] <= 1  # stft: LSD too
+    assert m["sd_db"] > 0 and m["feature_lsd_db"] > 0 and 0 < m["usage/0"] <= 1  # stft: LSD too
     assert "psnr_db" not in m and result["n_items"] == len(FeatureCache(tiny_cache).items("test"))
     assert sorted(result["pictures"]) == ["loss.png", "spectrograms.png"]
     assert (tmp_path / "spectrograms.png").read_bytes()[:8] == PNG_MAGIC

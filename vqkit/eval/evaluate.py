@@ -146,7 +146,7 @@ def describe_evaluation(result: dict[str, Any]) -> str:
             ("psnr_db", "PSNR {:.2f} dB"),
             ("mse", "MSE {:.5f}"),
             ("sd_db", "spectral distortion {:.2f} dB"),
-            ("lsd_db", "LSD {:.2f} dB"),
+            ("feature_lsd_db", "feature LSD {:.2f} dB"),
             ("usage/0", "codes used {:.1%}"),
             ("perplexity/0", "perplexity {:.1f}"),
             ("bits_per_image", "{:.0f} bits/image"),

@@ -36,7 +36,7 @@ from vqkit.files import atomic_path, write_json
 from vqkit.nn.codebook import code_counts, code_stats
 from vqkit.tools.inputs import (
     SpectrogramModel,
-    Utterance,
+    ToolInput,
     load_spectrogram_model,
     open_cache,
     read_input,
@@ -183,7 +183,7 @@ def _mean_side(spec: SpectrogramModel, cache: FeatureCache | None) -> Tensor:
 
 def _clips(
     spec: SpectrogramModel, cache: FeatureCache | None, sources: tuple[str, str] | None
-) -> list[Utterance]:
+) -> list[ToolInput]:
     """The two utterances to interpolate between: ``sources``, else the first two test items."""
     if sources is not None:
         return [read_input(source, spec) for source in sources]
@@ -193,7 +193,7 @@ def _clips(
     return [row_utterance(cache, row, spec) for row in test[:2]]
 
 
-def interpolate(spec: SpectrogramModel, clips: list[Utterance], n: int) -> Tensor:
+def interpolate(spec: SpectrogramModel, clips: list[ToolInput], n: int) -> Tensor:
     """``n`` steps from the first clip's latent to the second's, decoded: ``(n, F, N)`` dB with
     ``N`` the shorter clip's length; the side info is interpolated alike."""
     frames = min(clip.x_db.shape[-1] for clip in clips)

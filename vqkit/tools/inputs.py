@@ -48,8 +48,10 @@ class SpectrogramModel:
 
 
 @dataclass
-class Utterance:
-    """One input: raw features in dB ``(F, N)`` and the normaliser's side info ``(n_side,)``."""
+class ToolInput:
+    """One input of a teaching tool (an audio file or a cache row, not a corpus file like
+    :class:`vqkit.data.corpora.Utterance`): raw features in dB ``(F, N)`` and the normaliser's
+    side info ``(n_side,)``."""
 
     name: str
     x_db: Tensor
@@ -82,7 +84,7 @@ def parse_cache_ref(text: str) -> tuple[Path, str] | None:
     return path, key
 
 
-def read_input(text: str | os.PathLike, spec: SpectrogramModel) -> Utterance:
+def read_input(text: str | os.PathLike, spec: SpectrogramModel) -> ToolInput:
     """The utterance ``text`` names (an audio file or ``CACHE#KEY``), analysed for ``spec``."""
     ref = parse_cache_ref(str(text))
     if ref is not None:
@@ -90,19 +92,19 @@ def read_input(text: str | os.PathLike, spec: SpectrogramModel) -> Utterance:
     wave, _ = read_audio(text, spec.config.audio.sample_rate)
     with torch.no_grad():
         x_db = spec.frontend(torch.from_numpy(wave))
-    return Utterance(Path(text).name, x_db[0], spec.normaliser.side_info(x_db)[0])
+    return ToolInput(Path(text).name, x_db[0], spec.normaliser.side_info(x_db)[0])
 
 
-def read_cache_row(root: Path, key: str, spec: SpectrogramModel) -> Utterance:
+def read_cache_row(root: Path, key: str, spec: SpectrogramModel) -> ToolInput:
     """Row ``key`` (0-based index or ``path``) of the feature cache ``root``."""
     cache = open_cache(root, spec)
     return row_utterance(cache, find_row(read_manifest(root / MANIFEST), key, root), spec)
 
 
-def row_utterance(cache: FeatureCache, row: dict, spec: SpectrogramModel) -> Utterance:
+def row_utterance(cache: FeatureCache, row: dict, spec: SpectrogramModel) -> ToolInput:
     """The utterance of one manifest row of ``cache``."""
     x_db = torch.from_numpy(cache.load(row))
-    return Utterance(row["path"], x_db, item_side_info(spec.normaliser, row))
+    return ToolInput(row["path"], x_db, item_side_info(spec.normaliser, row))
 
 
 def open_cache(root: str | os.PathLike, spec: SpectrogramModel) -> FeatureCache:

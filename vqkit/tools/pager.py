@@ -29,7 +29,7 @@ import torch
 
 from vqkit.errors import VqkitError
 from vqkit.files import atomic_write_bytes
-from vqkit.tools.inputs import SpectrogramModel, Utterance, load_spectrogram_model, read_input
+from vqkit.tools.inputs import SpectrogramModel, ToolInput, load_spectrogram_model, read_input
 from vqkit.train.losses import spectral_distortion_db
 
 DB_SPAN = 100.0  # the plot shows at most this many dB below the loudest value
@@ -67,7 +67,7 @@ def write_pager(
 
 @torch.no_grad()
 def pager_data(
-    spec: SpectrogramModel, utterance: Utterance, n_codebooks: int | None = None
+    spec: SpectrogramModel, utterance: ToolInput, n_codebooks: int | None = None
 ) -> dict[str, Any]:
     """Everything the page draws: spectra, reconstruction, codes and distortion, as plain JSON."""
     model, normaliser = spec.model.eval(), spec.normaliser

@@ -100,9 +100,10 @@ def spectral_distances(
     dataset: SegmentDataset, indices: list[int], x: Tensor, x_hat: Tensor
 ) -> dict[str, float]:
     """Spectral distortion ``sd_db`` of a batch after undoing the dataset's normalisation, and for
-    log-magnitude (``stft``) features ``lsd_db``, the log-spectral distance of
-    :func:`vqkit.eval.metrics.log_spectral_distance_db` (magnitude dB are power dB), both spectra
-    floored :data:`~vqkit.eval.metrics.LSD_FLOOR_DB` below the reference's loudest bin."""
+    log-magnitude (``stft``) features ``feature_lsd_db``: the definition of the bench's ``lsd_db``
+    (:func:`vqkit.eval.metrics.log_spectral_distance_db`, magnitude dB being power dB, both spectra
+    floored :data:`~vqkit.train.losses.LSD_FLOOR_DB` below the reference's loudest bin), applied
+    to the model's feature frames instead of to resynthesised audio."""
     normaliser = dataset.normaliser.to(x.device)
     side = torch.stack([item_side_info(normaliser, dataset.items[i]) for i in indices])
     side = side.to(x.device)
@@ -111,5 +112,5 @@ def spectral_distances(
     if dataset.cache.config.features.kind == "stft":
         floor = x_db.amax(dim=(1, 2), keepdim=True) - LSD_FLOOR_DB
         lsd = spectral_distortion_db(x_db.maximum(floor), x_hat_db.maximum(floor))
-        values["lsd_db"] = lsd.mean().item()
+        values["feature_lsd_db"] = lsd.mean().item()
     return values

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from vqkit import __version__
-from vqkit.errors import VqkitError
+from vqkit.errors import Interrupted, VqkitError
 
 LAYOUTS = ("auto", "folder", "fsdd", "l2arctic", "speechcommands", "ljspeech")
 LAYOUTS += ("cifar10", "mnist-idx", "image-folder", "sklearn-digits")  # corpora.IMAGE_LAYOUTS
@@ -128,20 +129,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def _torch_threads(n: int) -> contextlib.AbstractContextManager[None]:
     """Run with ``n`` torch threads, then restore the count. The teaching verbs run small
     tensors: one thread is often much faster than two on a busy machine."""
-    import torch
+    from vqkit.limits import torch_threads
 
-    if n < 1:
-        raise VqkitError(f"--threads must be >= 1, got {n}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(n, "--threads")
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
@@ -321,20 +314,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)  # handled like Ctrl-C: writers clean up
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` (a KeyboardInterrupt) while a verb runs,
+    so a killed ``decode`` removes its temporary file as Ctrl-C does; restored after."""
+
+    def raise_interrupted(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        previous = {s: signal.signal(s, raise_interrupted) for s in TERMINATING}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``vqkit`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.fn(args)
+        with _interruptible():
+            return args.fn(args)
     except VqkitError as e:
         if args.debug:
             raise
         print(f"vqkit: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("vqkit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"vqkit: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except Exception as e:  # a bug: still one line unless --debug asks for the traceback
         if args.debug:
             raise

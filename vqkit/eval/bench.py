@@ -38,7 +38,8 @@ from vqkit.eval.baselines import (
     make_baselines,
     shift,
 )
-from vqkit.files import atomic_write_bytes, write_json
+from vqkit.files import atomic_write_bytes, check_output, write_json
+from vqkit.limits import torch_threads
 from vqkit.run import RunFolder, resolve_model
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -214,14 +215,9 @@ def run_bench(
     Torch runs on ``threads`` threads meanwhile (restored after): 1 makes the model's real-time
     factors comparable with the single-threaded Codec 2 and Opus tools.
     """
-    if threads < 1:
-        raise VqkitError(f"threads must be at least 1, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    check_output(out, audio_dir, *([] if os.fspath(model) == "default" else [model]))
+    with torch_threads(threads, "--threads"):
         return _bench(Path(audio_dir), Path(out), model, bitrates, baselines, progress)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _bench(

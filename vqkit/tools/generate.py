@@ -32,7 +32,7 @@ from vqkit.audio.synthesis import make_synthesiser
 from vqkit.data.cache import FeatureCache
 from vqkit.data.dataset import SegmentDataset
 from vqkit.errors import VqkitError
-from vqkit.files import atomic_path, write_json
+from vqkit.files import atomic_path, check_output, write_json
 from vqkit.nn.codebook import code_counts, code_stats
 from vqkit.tools.inputs import (
     SpectrogramModel,
@@ -83,6 +83,7 @@ def generate(
         raise VqkitError(f"features.kind '{spec.config.features.kind}' cannot be made audible")
     cache = open_cache(data, spec) if data is not None else None
     generator = torch.Generator().manual_seed(seed)
+    check_output(out, model, *([data] if data is not None else []))
     result = Generated(Path(out))
     frames = spec.frontend.n_frames(round(seconds * spec.config.audio.sample_rate))
     with torch.no_grad():

@@ -218,6 +218,15 @@ def _check_range(value: Any, where: str) -> None:
             raise VqkitError(f"{where} must be {valid} (a finite number), got {shown!r}")
 
 
+def check_value(key: str, value: float, name: str | None = None) -> None:
+    """Check a value given elsewhere (a command-line option, say) against ``RANGES[key]``; the
+    message calls it ``name`` (default: ``key``)."""
+    try:
+        _check_range(value, key)
+    except VqkitError as e:
+        raise VqkitError(str(e).replace(key, name or key, 1)) from None
+
+
 def _check_sums(config: Config) -> None:
     """Cross-key rules: the held-out fractions leave something to train on."""
     data = config.data

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from vqkit.audio.envelope import F0_MIN, EnvelopeFrontend, interp
 from vqkit.audio.stft import Frontend, griffin_lim, hz_to_mel_htk, istft, stft
-from vqkit.config import CodecConfig
+from vqkit.config import CodecConfig, check_value
 from vqkit.errors import VqkitError
 
 SYNTHESISERS = ("griffinlim", "harmonic")
@@ -99,6 +99,8 @@ def make_synthesiser(
             )
         return HarmonicNoise(frontend, config.noise_voiced)
     if config.synthesis == "griffinlim":
+        if iters is not None:
+            check_value("codec.gl_iters", iters, "--iters")
         return GriffinLim(frontend, config.gl_iters if iters is None else iters, config.gl_momentum)
     raise VqkitError(
         f"unknown codec.synthesis '{config.synthesis}'; valid: {', '.join(SYNTHESISERS)}"

@@ -464,7 +464,10 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, Path], object], str]] = {
     ),
     "another model's weights": (config("model", "hidden", 32), "checkpoint from another model"),
     "10**12 weights claimed": (config("model", "hidden", 10**6), r"model.hidden must be 1..65536"),
-    "10**9 bins claimed": (tampered({"meta": '{"in_shape": [1000000000]}'}), "another model"),
+    "10**9 bins claimed": (
+        tampered({"meta": '{"in_shape": [1000000000]}'}),
+        "another model|needs about .* GB of memory",
+    ),
     "negative size": (config("model", "hidden", -3), "model.hidden must be 1..65536"),
     "huge n_fft": (config("features", "n_fft", 10**9), "features.n_fft must be 2..65536"),
     "unknown config key": (config("model", "hiden", 3), "'model.hiden'; did you mean 'hidden'"),

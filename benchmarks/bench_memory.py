@@ -2,10 +2,12 @@
 
 Each run is a fresh ``python -m vqkit`` process on one thread (``OMP_NUM_THREADS=1``, niced); its
 peak resident set size is the kernel's ``ru_maxrss`` for that child alone. The input is real
-speech: the bundled sample clips (resampled to 16 kHz), repeated to fill each duration and written
-block by block, so making the file does not hold it either. The shipped model unless ``--model``::
+speech, resampled to 16 kHz and repeated to fill each duration (written block by block): every
+FSDD recording (six male voices: low pitch means many harmonics, the synthesiser's largest work
+arrays) when ``--speech`` names its folder, else the bundled sample clips. The shipped model
+unless ``--model`` (FSDD: ``--speech ../shared/data/fsdd/recordings``)::
 
-    .venv/bin/python benchmarks/bench_memory.py [--minutes 10 60] [--model RUN_OR_CHECKPOINT]
+    .venv/bin/python benchmarks/bench_memory.py [--minutes 10 60] [--speech FOLDER] [--model M]
 
 The guarantee it measures: memory is bounded by the codec's chunk, not the recording's length.
 """
@@ -32,9 +34,9 @@ SAMPLE = sorted((ROOT / "vqkit" / "assets" / "sample").glob("*.flac"))
 RATE = 16000
 
 
-def write_long_speech(path: Path, minutes: float) -> float:
-    """The bundled clips, one after another, repeated to ``minutes`` of 16 kHz PCM; seconds."""
-    speech = np.concatenate([read_audio(clip, RATE)[0] for clip in SAMPLE])
+def write_long_speech(path: Path, minutes: float, clips: list[Path]) -> float:
+    """``clips`` one after another, repeated to ``minutes`` of 16 kHz PCM; returns seconds."""
+    speech = np.concatenate([read_audio(clip, RATE)[0] for clip in clips])
     total = round(minutes * 60 * RATE)
     with sf.SoundFile(path, "w", RATE, 1, "PCM_16") as f:
         for start in range(0, total, len(speech)):
@@ -63,12 +65,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
     parser.add_argument("--model", default="default")
+    parser.add_argument("--speech", type=Path, help="a folder of speech clips (default: sample)")
     args = parser.parse_args()
+    clips = sorted(args.speech.glob("*.wav")) if args.speech else SAMPLE
+    print(f"speech: {len(clips)} clips from {args.speech or 'the bundled sample'}")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for minutes in args.minutes:
             wav, vqc, out = (Path(folder) / name for name in ("in.wav", "x.vqc", "out.wav"))
-            seconds = write_long_speech(wav, minutes)
+            seconds = write_long_speech(wav, minutes, clips)
             encode = peak_of(["encode", str(wav), str(vqc), "--model", args.model])
             decode = peak_of(["decode", str(vqc), str(out), "--model", args.model])
             rows.append(

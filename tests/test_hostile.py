@@ -16,6 +16,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def test_a_fifo_or_device_gets_the_bytes_and_stays(model: Path, audio: Path, tmp
     fifo = tmp_path / "pipe.vqc"
     os.mkfifo(fifo)
     received: list[bytes] = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
     reader.start()
     status, _, err = vqkit_cli(capfd, "encode", audio, fifo, "--model", model)
     reader.join(60)
@@ -118,6 +119,10 @@ def test_a_fifo_or_device_gets_the_bytes_and_stays(model: Path, audio: Path, tmp
     assert stat.S_ISFIFO(fifo.stat().st_mode)
     assert vqkit_cli(capfd, "encode", audio, "/dev/null", "--model", model)[0] == 0
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "sock.vqc"))
+        argv = ["encode", audio, tmp_path / "sock.vqc", "--model", model]
+        assert_fails(capfd, argv, "sock.vqc: cannot write to a socket", tmp_path / "sock.vqc")
     assert hidden_files(tmp_path) == []
 
 

@@ -209,6 +209,21 @@ def test_absurd_config_values(override: str, tmp_path: Path, capfd) -> None:
     assert_fails(capfd, argv, re.escape(ABSURD[override]), tmp_path / "run")
 
 
+def test_every_number_in_a_config_has_a_range() -> None:
+    """A new numeric key without a range would accept NaN and any size: name its range."""
+    import typing
+
+    from vqkit.config import RANGES, Config
+
+    numeric = []
+    for section, cls in typing.get_type_hints(Config).items():
+        for key, tp in typing.get_type_hints(cls).items():
+            item = (typing.get_args(tp) or (tp,))[0]
+            if item in (int, float):
+                numeric.append(f"{section}.{key}")
+    assert sorted(numeric) == sorted(RANGES)
+
+
 def test_absurd_values_in_a_checkpoint_config(model: Path, audio: Path, tmp_path, capfd) -> None:
     from test_guarantees import config
 

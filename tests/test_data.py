@@ -309,8 +309,12 @@ def test_config_errors(tmp_path: Path, capsys) -> None:
         run(src, tmp_path / "x", "features.normalise='minmx'")
     with pytest.raises(VqkitError, match="win_length"):
         run(src, tmp_path / "x", "features.win_length=1024")
-    with pytest.raises(VqkitError, match="not empty and not a feature cache"):
+    with pytest.raises(VqkitError, match="the output would overwrite the input"):
         run(src, src)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(VqkitError, match="not empty and not a feature cache"):
+        run(src, tmp_path / "notes")
     with pytest.raises(VqkitError, match="workers"):
         run(src, tmp_path / "x", workers=0)
     assert main(["prepare", str(src), str(tmp_path / "y"), "--set", "data.layot=fsdd"]) == 1

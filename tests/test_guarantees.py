@@ -468,10 +468,13 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, Path], object], str]] = {
         "checkpoint version 2; this vqkit reads version 1",
     ),
     "another model's weights": (config("model", "hidden", 32), "checkpoint from another model"),
-    "10**12 weights claimed": (config("model", "hidden", 10**6), "checkpoint from another model"),
-    "10**9 bins claimed": (tampered({"meta": '{"in_shape": [1000000000]}'}), "another model"),
-    "negative size": (config("model", "hidden", -3), "cannot build a model"),
-    "huge n_fft": (config("features", "n_fft", 10**9), "n_fft <= 65536"),
+    "10**12 weights claimed": (config("model", "hidden", 10**6), r"model.hidden must be 1..65536"),
+    "10**9 bins claimed": (
+        tampered({"meta": '{"in_shape": [1000000000]}'}),
+        "another model|needs about .* GB of memory",
+    ),
+    "negative size": (config("model", "hidden", -3), "model.hidden must be 1..65536"),
+    "huge n_fft": (config("features", "n_fft", 10**9), "features.n_fft must be 2..65536"),
     "unknown config key": (config("model", "hiden", 3), "'model.hiden'; did you mean 'hidden'"),
     "config not an object": (tampered({"config": "[1]"}), "config is not a JSON object"),
     "deeply nested config": (tampered({"config": "[" * 10**5}), "config is not valid JSON"),
@@ -490,7 +493,10 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, Path], object], str]] = {
         ),
         "normaliser's statistics are damaged",
     ),
-    "model rate 1 Hz": (config("audio", "sample_rate", 1), "audio.sample_rate 1 Hz is outside"),
+    "model rate 1 Hz": (
+        config("audio", "sample_rate", 1),
+        "audio.sample_rate must be 4000..384000",
+    ),
     "a folder, not a run": (file(Path.mkdir), "without checkpoints"),
 }
 

@@ -14,6 +14,7 @@ RANKS = {
     "errors": 0,
     "files": 1,
     "config": 1,
+    "limits": 1,
     "audio": 2,
     "nn": 2,
     "data": 3,

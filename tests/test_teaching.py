@@ -300,7 +300,7 @@ def test_generate_errors_are_one_line(runs, tiny_cache, tmp_path, capsys):
     argv = ["generate", runs["rvq"], "--out", tmp_path]
     assert "needs --data CACHE" in cli_error(argv, capsys)
     assert "needs --data CACHE" in cli_error(["generate", runs["ae"], "--out", tmp_path], capsys)
-    assert "--n >= 1" in cli_error([*argv, "--n", 0], capsys)
+    assert "--n 1..256" in cli_error([*argv, "--n", 0], capsys)
 
 
 # --- vqkit export ------------------------------------------------------------------------------

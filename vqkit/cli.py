@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from vqkit import __version__
 from vqkit.config import Layout, choices
-from vqkit.errors import VqkitError
+from vqkit.errors import Interrupted, VqkitError
 
 
 def _csv(text: str) -> list[str]:
@@ -55,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vqkit.train.loop import train
 
     config = load_config(args.config, args.overrides)
-    with _torch_threads(config.train.threads or None):  # 0: torch's default
+    with _torch_threads(config.train.threads or None, "train.threads"):  # 0: as they are
         result = train(config, data=args.data, run=args.run, resume=args.resume)
     for split, row in (("val", result.val), ("test", result.test)):
         if row:
@@ -131,23 +132,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` torch threads (None: as they are), then restore the count: the one place
-    vqkit sets it. Most verbs run small tensors, where one thread is often much faster than two
-    on a busy machine; 1 also makes the bench's real-time factors comparable with Codec 2's."""
-    import torch
+def _torch_threads(n: int | None, what: str = "--threads") -> Iterator[None]:
+    """Run with ``n`` torch threads (None: as they are; ``what`` names the setting in errors),
+    then restore the count: the one place vqkit sets it, bounded to the machine's cores by
+    :func:`vqkit.limits.torch_threads`. Most verbs run small tensors, where one thread is often
+    much faster than two on a busy machine; 1 also makes the bench's real-time factors comparable
+    with Codec 2's."""
+    from vqkit.limits import torch_threads
 
     if n is None:
         yield
         return
-    if n < 1:
-        raise VqkitError(f"--threads must be >= 1, got {n}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    with torch_threads(n, what):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
@@ -329,20 +326,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)  # handled like Ctrl-C: writers clean up
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` (a KeyboardInterrupt) while a verb runs,
+    so a killed ``decode`` removes its temporary file as Ctrl-C does; restored after."""
+
+    def raise_interrupted(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        previous = {s: signal.signal(s, raise_interrupted) for s in TERMINATING}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``vqkit`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.fn(args)
+        with _interruptible():
+            return args.fn(args)
     except VqkitError as e:
         if args.debug:
             raise
         print(f"vqkit: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("vqkit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"vqkit: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except Exception as e:  # a bug: still one line unless --debug asks for the traceback
         if args.debug:
             raise

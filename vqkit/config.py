@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,98 @@ class Config:
     codec: CodecConfig = field(default_factory=CodecConfig)
 
 
+INF = math.inf
+# The valid range of every number in a config, checked as it loads (each list item alike): a zero
+# batch, a NaN learning rate or a codebook of 10**9 entries is a typo, refused with the key and
+# its range before anything is built. Sizes have ceilings far above any sensible model; what the
+# machine can hold is checked when the model is built (vqkit.limits).
+RANGES: dict[str, tuple[float, float]] = {
+    "audio.sample_rate": (4000, 384_000),  # vqkit.audio's MIN_SAMPLE_RATE..MAX_SAMPLE_RATE
+    "audio.duration": (0, 86_400),
+    "features.n_fft": (2, 65536),
+    "features.hop_length": (1, 65536),
+    "features.win_length": (0, 65536),
+    "features.n_mels": (1, 4096),
+    "features.fmin": (0, 384_000),
+    "features.fmax": (0, 384_000),
+    "features.rate_k": (1, 4096),
+    "data.max_per_speaker": (0, INF),
+    "data.val_fraction": (0, 1),
+    "data.test_fraction": (0, 1),
+    "data.seed": (0, 2**63 - 1),
+    "model.hidden": (1, 65536),
+    "model.latent_dim": (1, 65536),
+    "model.n_res_blocks": (0, 1024),
+    "model.downsample": (1, 65536),
+    "model.filters": (1, 65536),
+    "model.kernels": (1, 1024),
+    "model.strides": (1, 1024),
+    "model.dense_dim": (0, 2**20),
+    "bottleneck.codebook_size": (1, 65536),  # the code file's limit too
+    "bottleneck.codebook_dim": (0, 65536),
+    "bottleneck.n_codebooks": (1, 1024),
+    "bottleneck.beta": (0, INF),
+    "bottleneck.decay": (0, 1),
+    "bottleneck.kmeans_iters": (0, 10_000),
+    "bottleneck.dead_threshold": (0, INF),
+    "bottleneck.dead_window": (0, INF),
+    "bottleneck.quantizer_dropout": (0, 1),
+    "bottleneck.fsq_levels": (2, 65536),
+    "bottleneck.kl_weight": (0, INF),
+    "train.steps": (1, INF),
+    "train.batch_size": (1, 65536),
+    "train.segment_frames": (0, 2**20),
+    "train.lr": (1e-12, 10),
+    "train.weight_decay": (0, INF),
+    "train.warmup_steps": (0, INF),
+    "train.grad_clip": (0, INF),
+    "train.log_every": (1, INF),
+    "train.eval_every": (1, INF),
+    "train.checkpoint_every": (1, INF),
+    "train.eval_batches": (1, INF),
+    "train.seed": (0, 2**63 - 1),
+    "train.threads": (0, 1024),  # 0 leaves torch's default; vqkit.limits checks the machine's
+    "codec.gl_iters": (0, 10_000),
+    "codec.gl_momentum": (0, 1),
+    "codec.chunk_seconds": (0.01, 86_400),
+    "codec.level_db": (-120, 0),
+    "codec.postfilter": (0, 10),
+    "codec.noise_voiced": (0, 1),
+}
+
+
+def _check_range(value: Any, where: str) -> None:
+    """Raise :class:`VqkitError` unless ``value`` (a number, or each item of a list) is finite
+    and inside ``RANGES[where]``; the message names the key and the range."""
+    low, high = RANGES.get(where, (-INF, INF))
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if not math.isfinite(v) or not low <= v <= high:
+            valid = f">= {low:g}" if high == INF else f"{low:g}..{high:g}"
+            shown = value if not isinstance(value, tuple) else list(value)
+            raise VqkitError(f"{where} must be {valid} (a finite number), got {shown!r}")
+
+
+def check_value(key: str, value: float, name: str | None = None) -> None:
+    """Check a value given elsewhere (a command-line option, say) against ``RANGES[key]``; the
+    message calls it ``name`` (default: ``key``)."""
+    try:
+        _check_range(value, key)
+    except VqkitError as e:
+        raise VqkitError(str(e).replace(key, name or key, 1)) from None
+
+
+def _check_sums(config: Config) -> None:
+    """Cross-key rules: the held-out fractions leave something to train on."""
+    data = config.data
+    if data.val_fraction + data.test_fraction >= 1:
+        raise VqkitError(
+            f"data.val_fraction + data.test_fraction must be below 1, got "
+            f"{data.val_fraction:g} + {data.test_fraction:g}"
+        )
+
+
 def _suggest(name: str, options: list[str]) -> str:
     near = difflib.get_close_matches(name, options, n=1)
     return f"; did you mean '{near[0]}'?" if near else f"; valid: {', '.join(options)}"
@@ -211,12 +304,15 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             kwargs[key] = _build(tp, value, path)
         else:
             kwargs[key] = _coerce(value, tp, path)
+            _check_range(kwargs[key], path)
     return cls(**kwargs)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Build a :class:`Config` from nested dicts, strictly."""
-    return _build(Config, values, "")
+    """Build a :class:`Config` from nested dicts, strictly: types, then ranges (:data:`RANGES`)."""
+    config = _build(Config, values, "")
+    _check_sums(config)
+    return config
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -39,6 +39,9 @@ YIN_WINDOW = 0.025  # seconds of signal integrated per lag
 UNVOICED_F0 = 150.0  # Hz, the nominal pitch setting the envelope's band width in unvoiced frames
 ENV_FMIN = 60.0  # Hz, the lowest envelope point (the top one is just under Nyquist)
 ENV_FLOOR_DB = -70.0  # envelope floor: a few dB above the quantisation noise of 16-bit audio
+# Frames analysed by YIN at a time: its work arrays are frames x FFT bins, ~130 MB for a whole
+# codec chunk (20 s) at once; blocks keep that to a few MB whatever the chunk, the same result.
+YIN_BLOCK_FRAMES = 256
 
 
 def envelope_frequencies(n_points: int, sample_rate: int) -> np.ndarray:
@@ -83,11 +86,21 @@ class EnvelopeFrontend(Frontend):
 
     def pitch(self, wave: Tensor) -> tuple[Tensor, Tensor]:
         """YIN F0 (Hz) and voicing (0/1) ``(B, N)``; unvoiced frames keep their raw estimate."""
-        w, max_lag, hop = self.yin_window, self.max_lag, self.hop_length
-        size = w + max_lag
+        size, hop = self.yin_window + self.max_lag, self.hop_length
         n = self.n_frames(wave.shape[-1])
         padded = F.pad(wave, (size // 2, size // 2 + hop))
-        frames = padded.unfold(-1, size, hop)[:, :n]  # (B, N, size), frame i centred on i * hop
+        frames = padded.unfold(-1, size, hop)[:, :n]  # (B, N, size) view, frame i at i * hop
+        blocks = range(0, n, YIN_BLOCK_FRAMES)
+        f0, voiced = zip(
+            *(self._yin(frames[:, i : i + YIN_BLOCK_FRAMES]) for i in blocks), strict=True
+        )
+        f0 = _median3(torch.cat(f0, -1).clamp(F0_MIN, F0_MAX))
+        return f0, _median3(torch.cat(voiced, -1).float())
+
+    def _yin(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw YIN F0 (Hz) and voicing (bool) ``(B, N)`` of frames ``(B, N, window + max_lag)``."""
+        w, max_lag = self.yin_window, self.max_lag
+        size = w + max_lag
         frames = frames - frames.mean(-1, keepdim=True)
         n_fft = 1 << (2 * size - 1).bit_length()
         spec = torch.fft.rfft(frames, n_fft)
@@ -113,9 +126,7 @@ class EnvelopeFrontend(Frontend):
         offset = torch.where(curve > 0, 0.5 * (c[..., 0] - c[..., 2]) / curve.clamp(min=1e-9), 0)
         f0 = self.sample_rate / (tau + offset.clamp(-1, 1))
         level = 10 * torch.log10(frames[..., :w].square().mean(-1).clamp(min=1e-10))
-        voiced = (c[..., 1] < VOICED_APERIODICITY) & (level > SILENCE_DB)
-        f0 = _median3(f0.clamp(F0_MIN, F0_MAX))
-        return f0, _median3(voiced.float())
+        return f0, (c[..., 1] < VOICED_APERIODICITY) & (level > SILENCE_DB)
 
     def envelope(self, wave: Tensor, f0: Tensor, voiced: Tensor) -> Tensor:
         """Mean power per bin (dB) around each envelope point ``(B, K, N)``."""

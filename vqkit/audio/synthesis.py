@@ -28,10 +28,13 @@ from torch import Tensor
 
 from vqkit.audio.envelope import F0_MIN, EnvelopeFrontend, interp
 from vqkit.audio.stft import Frontend, griffin_lim, hz_to_mel_htk, istft, stft
-from vqkit.config import CodecConfig, Synthesis, choices
+from vqkit.config import CodecConfig, Synthesis, check_value, choices
 from vqkit.errors import VqkitError
 
 SYNTHESISERS = choices(Synthesis)
+# Frames of harmonics synthesised at a time: the work arrays are harmonics x samples, ~600 MB
+# for a whole codec chunk (20 s) at once; blocks keep that to a few MB, the same result.
+SYNTHESIS_BLOCK_FRAMES = 32
 
 
 class Synthesiser(Protocol):
@@ -96,6 +99,8 @@ def make_synthesiser(
             )
         return HarmonicNoise(frontend, config.noise_voiced)
     if config.synthesis == "griffinlim":
+        if iters is not None:
+            check_value("codec.gl_iters", iters, "--iters")
         return GriffinLim(frontend, config.gl_iters if iters is None else iters, config.gl_momentum)
     raise VqkitError(
         f"unknown codec.synthesis '{config.synthesis}'; valid: {', '.join(SYNTHESISERS)}"
@@ -178,10 +183,16 @@ class HarmonicNoise(torch.nn.Module):
             * audible
             * voiced[..., None]
         )
-        amp = _upsample(amp.transpose(1, 2), hop, length)  # (B, H, T)
-        # the harmonics' phases are multiples of the fundamental's, wrapped in double precision
-        waves = torch.sin(phase[:, None] * k[:, None])  # (B, H, T); k x phase < 2000 rad
-        return (amp * waves).sum(1), phases
+        amp = amp.transpose(1, 2)  # (B, H, N)
+        wave = env_db.new_empty(env_db.shape[0], length)
+        step = SYNTHESIS_BLOCK_FRAMES * hop
+        for s0 in range(0, length, step):  # samples [s0, s1) from frames [f, ...)
+            s1, f = min(s0 + step, length), min(s0 // hop, amp.shape[-1] - 1)
+            block = _upsample(amp[..., f : f + SYNTHESIS_BLOCK_FRAMES + 1], hop, s1 - f * hop)
+            # the harmonics' phases are multiples of the fundamental's, wrapped in double precision
+            waves = torch.sin(phase[:, None, s0:s1] * k[:, None])  # (B, H, T_i); k x phase < 2000
+            wave[:, s0:s1] = (block[..., s0 - f * hop :] * waves).sum(1)
+        return wave, phases
 
     def noise(self, env_db: Tensor, voiced: Tensor, length: int, seed: int = 0) -> Tensor:
         a = self.frontend

@@ -47,7 +47,7 @@ from vqkit.codec.side import pitch_codes, pitch_from_codes, side_codebooks
 from vqkit.codec.stream import synthesise_chunked
 from vqkit.config import Config
 from vqkit.errors import VqkitError
-from vqkit.files import atomic_write_bytes
+from vqkit.files import AUDIO_SUFFIXES, atomic_write_bytes, check_output
 from vqkit.nn.normalise import Normaliser
 from vqkit.run import resolve_model
 
@@ -175,7 +175,7 @@ class Codec:
         synthesiser = make_synthesiser(self.config.codec, self.frontend, iters)
         window = self.chunk_codes * self.downsample
         overlap = max(2, min(2 * math.ceil(self.frontend.n_fft / hop), window // 2))
-        features = self._decode_features(torch.from_numpy(encoded.codes.astype(np.int64)), n_frames)
+        features = self._decode_features(encoded.codes, n_frames)
         scale = np.float32(10 ** (-encoded.gain_db / 20))
         waves = synthesise_chunked(synthesiser, features, n_frames, length, window, overlap)
         waves = (wave * scale for wave in waves)
@@ -226,24 +226,29 @@ class Codec:
             codes = self.model.encode(x, n_stages)[0]  # (Q, L)
             if self.parametric:  # the pitch and voicing rows go first
                 codes = torch.cat([pitch_codes(f0[:, frames], voiced[:, frames], d)[0], codes])
-            chunks.append(codes[:, start - first // d : stop - first // d].numpy())
+            # uint16 at once (codebooks hold at most 65536 codes): a quarter of int64's memory
+            chunks.append(
+                codes[:, start - first // d : stop - first // d].numpy().astype(np.uint16)
+            )
             start = stop
         return np.concatenate(chunks, axis=1), total
 
-    def _decode_features(self, codes: Tensor, n_frames: int) -> Iterator[Tensor]:
-        """Features in dB ``(F, N_i)`` of codes ``(Q, N')``, chunk by chunk, ``n_frames`` in all."""
+    def _decode_features(self, codes: np.ndarray, n_frames: int) -> Iterator[Tensor]:
+        """Features in dB ``(F, N_i)`` of codes ``(Q, N')`` (uint16), chunk by chunk,
+        ``n_frames`` in all. Each chunk's codes become int64 only when it is decoded."""
         d, margin, n_codes = self.downsample, self.margins[1], codes.shape[1]
-        side, codes = codes[: len(self.side)], codes[len(self.side) :]
         for start in range(0, n_codes, self.chunk_codes):
             stop = min(start + self.chunk_codes, n_codes)
             first, last = max(0, start - margin), min(n_codes, stop + margin)
+            chunk = torch.from_numpy(codes[:, first:last].astype(np.int64))
+            side, envelope = chunk[: len(self.side)], chunk[len(self.side) :]
             with torch.inference_mode():
-                x_hat = self.model.decode(codes[None, :, first:last])
+                x_hat = self.model.decode(envelope[None])
                 no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
                 x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
                 x_hat = postfilter(x_hat, self.config.codec.postfilter)
                 if self.parametric:  # F0 and voicing become the last two rows
-                    f0, voiced = pitch_from_codes(side[None, :, first:last], d, x_hat.shape[-1])
+                    f0, voiced = pitch_from_codes(side[None], d, x_hat.shape[-1])
                     x_hat = torch.cat([x_hat, f0, voiced])
             yield x_hat[:, (start - first) * d : min(stop * d, n_frames) - first * d]
 
@@ -278,6 +283,7 @@ def encode_file(
     bitrate: float | None = None,
 ) -> str:
     """Encode an audio file to a ``.vqc`` code file; returns a one-line summary."""
+    check_output(output, input, *_model_files(model), refuse_suffixes=AUDIO_SUFFIXES)
     codec = load_codec(model)
     n_stages = codec.n_stages(bitrate)  # fail on a bad bitrate before reading anything
     sample_rate, blocks = open_audio_blocks(input)
@@ -296,6 +302,7 @@ def decode_file(
 ) -> str:
     """Decode a ``.vqc`` code file to a WAV or FLAC file; returns a one-line summary."""
     path, output = Path(input), Path(output)
+    check_output(output, input, *_model_files(model))
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -306,6 +313,11 @@ def decode_file(
     write_audio_blocks(output, blocks, encoded.orig_sample_rate)
     n_stages = encoded.n_stages - len(codec.side)
     return f"{output}: {n_stages} stages decoded, {_rates(encoded, len(data))}"
+
+
+def _model_files(model: str | os.PathLike) -> list[str | os.PathLike]:
+    """The model as an input path that no output may overwrite (none for the shipped one)."""
+    return [] if os.fspath(model) == "default" else [model]
 
 
 def _rates(encoded: EncodedAudio, n_bytes: int) -> str:

@@ -49,6 +49,7 @@ MAX_HOP_LENGTH = 65536
 MAX_LENGTH = 2**40  # samples: about 8 months at 48 kHz
 MAX_GAIN_DB = 120
 _KEYS = ("id", "sr", "hop", "n", "t", "len", "osr", "q", "k", "g")
+PACK_FRAMES = 8192  # code frames (bit-)packed at a time, a multiple of 8: whole bytes each
 
 
 def bits_per_code(codebook_size: int) -> int:
@@ -74,6 +75,11 @@ def pack_codes(codes: np.ndarray, codebook_sizes: tuple[int, ...]) -> bytes:
     if codes.size and (codes.min() < 0 or np.any(codes.max(axis=1) >= codebook_sizes)):
         raise ValueError("codes out of range for their codebook sizes")
     widths = [bits_per_code(k) for k in codebook_sizes]
+    blocks = range(0, codes.shape[1], PACK_FRAMES)  # whole bytes each: PACK_FRAMES is even
+    return b"".join(_pack_block(codes[:, i : i + PACK_FRAMES], widths) for i in blocks)
+
+
+def _pack_block(codes: np.ndarray, widths: list[int]) -> bytes:
     bits = np.empty((codes.shape[1], sum(widths)), dtype=np.uint8)  # (N', bits per frame)
     offset = 0
     for row, width in zip(codes, widths, strict=True):
@@ -93,6 +99,18 @@ def unpack_codes(data: bytes, codebook_sizes: tuple[int, ...], n_code_frames: in
     if len(data) != expected:
         raise VqkitError(f"code payload is {len(data)} bytes, the header implies {expected}")
     widths = [bits_per_code(k) for k in codebook_sizes]
+    codes = np.empty((len(widths), n_code_frames), dtype=np.uint16)
+    step = PACK_FRAMES * sum(widths) // 8  # bytes per block of PACK_FRAMES frames
+    for i in range(0, n_code_frames, PACK_FRAMES):
+        block = codes[:, i : i + PACK_FRAMES]
+        block[:] = _unpack_block(data[i // PACK_FRAMES * step :][:step], widths, block.shape[1])
+    if codes.size and np.any(codes.max(axis=1) >= codebook_sizes):
+        raise VqkitError("corrupt code payload: a code is outside its codebook")
+    return codes
+
+
+def _unpack_block(data: bytes, widths: list[int], n_code_frames: int) -> np.ndarray:
+    """Codes ``(Q, n_code_frames)`` of one block of :func:`pack_codes`, checking its padding."""
     n_bits = n_code_frames * sum(widths)
     flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
     if flat[n_bits:].any():
@@ -104,8 +122,6 @@ def unpack_codes(data: bytes, codebook_sizes: tuple[int, ...], n_code_frames: in
         weights = np.left_shift(1, np.arange(width - 1, -1, -1), dtype=np.int64)
         codes[q] = bits[:, offset : offset + width] @ weights
         offset += width
-    if codes.size and np.any(codes.max(axis=1) >= codebook_sizes):
-        raise VqkitError("corrupt code payload: a code is outside its codebook")
     return codes
 
 

@@ -57,13 +57,19 @@ def safe_relative(path: object, where: str) -> PurePosixPath:
 def read_manifest(path: Path) -> list[dict]:
     """Rows of ``manifest.jsonl``, strictly: every line whole JSON with safe paths."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        raise VqkitError(f"{path} is not a regular file; run vqkit prepare again")
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise VqkitError(f"cannot read {path}: {e.strerror or e}") from None
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise VqkitError(f"{where} is not valid JSON; run vqkit prepare again") from None
         check_row(row, where)
         rows.append(row)
@@ -79,6 +85,8 @@ def check_row(row: object, where: str) -> None:
         raise VqkitError(f"{where}: manifest row lacks {', '.join(missing)}")
     if not all(isinstance(row[k], int) and row[k] >= 0 for k in ("frames", "offset")):
         raise VqkitError(f"{where}: frames and offset must be non-negative integers")
+    if row["frames"] == 0:
+        raise VqkitError(f"{where}: an item of 0 frames; run vqkit prepare again")
     safe_relative(row["path"], where)
     safe_relative(row["features"], where)
     if row["split"] not in SPLITS:
@@ -104,9 +112,8 @@ class FeatureCache:
             )
         self.info: dict = read_json(self.root / STATS)
         _check_version(self.info, self.root / STATS)
-        self.stats: dict[str, np.ndarray] = {
-            key: np.asarray(self.info[key], dtype=np.float32) for key in ("mean", "std")
-        }
+        image = self.config.features.kind == "image"  # images are not normalised by these
+        self.stats: dict[str, np.ndarray] = _read_stats(self.info, self.root / STATS, not image)
         self._rows = read_manifest(self.root / MANIFEST)
 
     def items(self, split: str) -> list[dict]:
@@ -120,6 +127,8 @@ class FeatureCache:
         the image ``(C, H, W)`` float32 in [-0.5, 0.5]."""
         path = self.root / safe_relative(item["features"], f"{self.root / MANIFEST}")
         start, n_bins = item["offset"], self.stats["mean"].shape[0]
+        if not path.is_file():  # missing, or a FIFO that would block np.load forever
+            raise VqkitError(f"{path}: no such shard file; run vqkit prepare again")
         try:
             shard = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -150,6 +159,28 @@ def _image(shard: np.ndarray, item: dict, path: Path) -> np.ndarray:
             "run vqkit prepare again into a new folder"
         )
     return np.asarray(shard[item["offset"]], dtype=np.float32) / scale - 0.5
+
+
+def _read_stats(info: object, path: Path, positive_std: bool) -> dict[str, np.ndarray]:
+    """``mean`` and ``std`` of ``stats.json``: equal-length lists of finite numbers (std > 0
+    when ``positive_std``)."""
+    stats = {}
+    for key in ("mean", "std"):
+        value = info.get(key) if isinstance(info, dict) else None
+        if not isinstance(value, list) or not value:
+            raise VqkitError(f"{path}: '{key}' must be a list of numbers; run vqkit prepare again")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            raise VqkitError(f"{path}: '{key}' holds something other than numbers: damaged")
+        stats[key] = np.asarray(value, dtype=np.float32)
+        if not np.isfinite(stats[key]).all():
+            raise VqkitError(f"{path}: '{key}' holds NaN or Inf: damaged")
+    if stats["mean"].shape != stats["std"].shape:
+        raise VqkitError(
+            f"{path}: 'mean' has {stats['mean'].size} values but 'std' {stats['std'].size}: damaged"
+        )
+    if positive_std and (stats["std"] <= 0).any():
+        raise VqkitError(f"{path}: 'std' must be positive: damaged; run vqkit prepare again")
+    return stats
 
 
 def _sections() -> tuple[str, ...]:

@@ -38,7 +38,8 @@ from vqkit.data.image_prepare import prepare_images
 from vqkit.data.images import find_image_layout
 from vqkit.data.writer import PrepareSummary, locked, remove_unused_shards, shard_name, write_config
 from vqkit.errors import VqkitError
-from vqkit.files import atomic_path, atomic_write_bytes, write_json
+from vqkit.files import atomic_path, atomic_write_bytes, check_output, write_json
+from vqkit.limits import check_threads
 
 SHARD_ITEMS = 32  # utterances per features file: fewer files and fsyncs, small resume loss
 
@@ -51,8 +52,8 @@ def prepare(
     for resuming, :mod:`vqkit.data.corpora` for layouts and splits)."""
     src, out = Path(src), Path(out)
     start = time.perf_counter()
-    if workers < 1:
-        raise VqkitError(f"--workers must be at least 1, got {workers}")
+    check_threads(workers, "--workers")
+    check_output(out, src)
     image_layout = find_image_layout(src, config.data.layout)
     if image_layout is not None:
         return prepare_images(src, out, config, image_layout, progress=progress)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,8 @@ class PrepareSummary:
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out`` (POSIX record locks die with their process and are not
-    inherited by forked workers)."""
+    inherited by forked workers); the lock file is removed on the way out, whatever happens. A
+    write error inside becomes a :class:`VqkitError` naming the file."""
     if out.exists() and not out.is_dir():
         raise VqkitError(f"{out} exists and is not a folder")
     if out.is_dir() and not (out / CONFIG).exists() and any(_visible(out)):
@@ -65,9 +67,17 @@ def locked(out: Path) -> Iterator[None]:
     with lock:
         try:
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the lock file is removed on the way out: one already removed is no lock at all
+            if os.fstat(lock.fileno()).st_ino != (out / ".lock").stat().st_ino:
+                raise OSError
         except OSError:
             raise VqkitError(f"another vqkit prepare is writing {out}") from None
-        yield
+        try:
+            yield
+        except OSError as e:  # the manifest's appends (atomic writes say so themselves)
+            raise VqkitError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
+        finally:
+            (out / ".lock").unlink(missing_ok=True)
 
 
 def _visible(folder: Path) -> Iterator[Path]:

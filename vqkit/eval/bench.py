@@ -38,7 +38,7 @@ from vqkit.eval.baselines import (
     make_baselines,
     shift,
 )
-from vqkit.files import atomic_write_bytes, write_json
+from vqkit.files import atomic_write_bytes, check_output, write_json
 from vqkit.run import RunFolder, resolve_model
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -213,6 +213,7 @@ def run_bench(
     The model runs on the caller's torch threads (``vqkit bench`` sets ``--threads``, default 1,
     which makes its real-time factors comparable with the single-threaded Codec 2 and Opus).
     """
+    check_output(out, audio_dir, *([] if os.fspath(model) == "default" else [model]))
     return _bench(Path(audio_dir), Path(out), model, bitrates, baselines, progress)
 
 

@@ -20,7 +20,7 @@ from vqkit.data.cache import FeatureCache
 from vqkit.data.dataset import SegmentDataset
 from vqkit.errors import VqkitError
 from vqkit.eval.plots import draw_examples
-from vqkit.files import write_json
+from vqkit.files import check_output, write_json
 from vqkit.nn.model import Autoencoder
 from vqkit.run import RunFolder, resolve_model
 from vqkit.train.log import plot_losses, read_metrics
@@ -44,6 +44,7 @@ def evaluate_run(
     ``out/grid.png`` (images: ``n_grid`` originals over their reconstructions) or
     ``out/spectrograms.png`` (audio). Returns what ``metrics.json`` holds.
     """
+    check_output(out, run, data)
     path = resolve_model(run)
     checkpoint = load_checkpoint(path, map_location=device)
     cache = FeatureCache(data)

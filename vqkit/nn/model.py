@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from vqkit.config import Config, ModelConfig, ModelKind, choices
 from vqkit.errors import VqkitError
+from vqkit.limits import check_memory
 from vqkit.nn.blocks import (
     batch_norm,
     conv,
@@ -345,7 +346,21 @@ def build_model(config: Config, in_shape: tuple[int, ...]) -> Autoencoder:
     for images. ``conv2d`` and ``convlist`` see a spectrogram as a one-channel image. The model's
     normaliser is ``config.features.normalise``, "meanstd" statistics zero and one until
     :meth:`~vqkit.nn.normalise.Normaliser.set_statistics` (training) or a checkpoint fills them.
+    A model whose training state (weights, gradients, two Adam moments) would not fit in the
+    memory available is refused before anything is allocated.
     """
+    with torch.device("meta"):  # shapes only: counts what the real model would allocate
+        sized = _build_model(config, in_shape)
+    tensors = [*sized.parameters(), *sized.buffers()]
+    n_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    n_params = sum(p.numel() for p in sized.parameters())
+    check_memory(
+        4 * n_bytes, f"training a model of {n_params:,} parameters (model.*, bottleneck.*)"
+    )
+    return _build_model(config, in_shape)
+
+
+def _build_model(config: Config, in_shape: tuple[int, ...]) -> Autoencoder:
     m, in_shape = config.model, tuple(int(s) for s in in_shape)
     if not 1 <= len(in_shape) <= 3 or min(in_shape) < 1:
         raise VqkitError(f"input shape must be (F,), (F, N) or (C, H, W), got {in_shape}")

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from vqkit.checkpoint import load_checkpoint
 from vqkit.config import config_to_dict
 from vqkit.errors import VqkitError
-from vqkit.files import atomic_path, write_json
+from vqkit.files import atomic_path, check_output, write_json
 from vqkit.nn.blocks import pad_to_multiple
 from vqkit.nn.bottleneck import (
     FSQ,
@@ -227,8 +227,9 @@ def export_model(
     """Export ``model`` (a run folder or checkpoint) into the folder ``out`` as ``format``."""
     if format not in FORMATS:
         raise VqkitError(f"--format must be one of {', '.join(FORMATS)}, got '{format}'")
-    checkpoint = load_checkpoint(resolve_model(model))
     out = Path(out)
+    check_output(out, model)
+    checkpoint = load_checkpoint(resolve_model(model))
     encoder_path, decoder_path = (out / f"{n}{SUFFIXES[format]}" for n in ("encoder", "decoder"))
     if format == "torchscript":
         for module, path in zip(

@@ -32,7 +32,7 @@ from vqkit.audio.synthesis import make_synthesiser
 from vqkit.data.cache import FeatureCache
 from vqkit.data.dataset import SegmentDataset
 from vqkit.errors import VqkitError
-from vqkit.files import atomic_path, write_json
+from vqkit.files import atomic_path, check_output, write_json
 from vqkit.nn.codebook import code_counts, code_stats
 from vqkit.tools.inputs import (
     SpectrogramModel,
@@ -44,6 +44,7 @@ from vqkit.tools.inputs import (
 )
 from vqkit.train.validate import equal_shape_batches
 
+MAX_N, MAX_SECONDS = 256, 600  # a bound on the samples held: 256 x 10 minutes
 PEAK = 0.95  # generated audio louder than this is scaled down to it rather than clipped
 
 
@@ -76,13 +77,16 @@ def generate(
     model's code frequencies, and its test split the two clips to interpolate between unless
     ``sources`` names them (audio files or ``CACHE#KEY``). Samples last ``seconds``.
     """
-    if n < 1 or not seconds > 0:
-        raise VqkitError(f"need --n >= 1 and --seconds > 0, got {n} and {seconds}")
+    if not 1 <= n <= MAX_N or not 0 < seconds <= MAX_SECONDS:
+        raise VqkitError(
+            f"need --n 1..{MAX_N} and --seconds in (0, {MAX_SECONDS}], got {n} and {seconds}"
+        )
     spec = load_spectrogram_model(model)
     if spec.config.features.kind not in ("stft", "mel"):
         raise VqkitError(f"features.kind '{spec.config.features.kind}' cannot be made audible")
     cache = open_cache(data, spec) if data is not None else None
     generator = torch.Generator().manual_seed(seed)
+    check_output(out, model, *([data] if data is not None else []))
     result = Generated(Path(out))
     frames = spec.frontend.n_frames(round(seconds * spec.config.audio.sample_rate))
     with torch.no_grad():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vqkit.errors import VqkitError
-from vqkit.files import atomic_write_bytes
+from vqkit.files import AUDIO_SUFFIXES, atomic_write_bytes, check_output
 from vqkit.tools.inputs import SpectrogramModel, ToolInput, load_spectrogram_model, read_input
 from vqkit.train.losses import spectral_distortion_db
 
@@ -56,6 +56,7 @@ def write_pager(
     reconstructed by ``model`` (a run folder or checkpoint) with its first ``n_codebooks`` stages
     (all when None)."""
     out = Path(out)
+    check_output(out, str(input).partition("#")[0], model, refuse_suffixes=AUDIO_SUFFIXES)
     if out.suffix.lower() not in (".html", ".htm"):
         raise VqkitError(f"{out}: the page must be an .html file")
     spec = load_spectrogram_model(model)

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from vqkit.errors import VqkitError
-from vqkit.files import atomic_path, atomic_write_bytes
+from vqkit.files import atomic_path, atomic_write_bytes, check_output
 from vqkit.nn.bottleneck import ResidualVQ, VectorQuantizer
 from vqkit.nn.codebook import CodebookOptions
 
@@ -35,6 +35,10 @@ UPDATES = ("ema", "loss")  # how the codebook learns: EMA of assigned points, or
 GRID = 160  # pixels per side of the Voronoi image
 BATCH = 256  # points per training step
 LOSS_LR = 0.05  # Adam step size for the codebook-loss variant
+# Bounds that keep memory small: the Voronoi image measures GRID**2 pixels against every code,
+# and the GIF keeps one frame per step.
+MAX_CODES = 1024
+MAX_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -100,10 +104,10 @@ def toy_training(
 
     ``codebook_size`` 0 means 16 codes for one stage and 8 per stage for two.
     """
-    if stages not in (1, 2) or steps < 1 or codebook_size < 0:
+    if stages not in (1, 2) or not 1 <= steps <= MAX_STEPS or not 0 <= codebook_size <= MAX_CODES:
         raise VqkitError(
-            f"need stages 1 or 2, steps >= 1 and codebook_size >= 0; got {stages}, {steps}, "
-            f"{codebook_size}"
+            f"need stages 1 or 2, steps 1..{MAX_STEPS} and codebook_size 0..{MAX_CODES}; got "
+            f"{stages}, {steps}, {codebook_size}"
         )
     torch.manual_seed(seed)
     points = mixture(seed=seed).points
@@ -129,6 +133,7 @@ def animate_vq(
     """Animate :func:`toy_training`: one frame per step to ``out`` (a ``.gif``), the last frame
     beside it (``.png``, same stem)."""
     out = Path(out)
+    check_output(out)
     if out.suffix.lower() != ".gif" or fps < 1:
         raise VqkitError(f"{out}: the animation must be a .gif file, at fps >= 1 (got {fps})")
     result = VqAnimation(out, out.with_suffix(".png"), spread=mixture(seed=seed).spread)

@@ -100,10 +100,10 @@ class Throughput:
 
 
 class StopOnInterrupt:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current step,
-    so the loop can save before exiting; a second signal aborts at once."""
+    """Turns the first Ctrl-C (SIGINT), SIGTERM or SIGHUP into a request to stop after the
+    current step, so the loop can save before exiting; a second signal aborts at once."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.requested = False

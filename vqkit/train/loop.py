@@ -32,7 +32,8 @@ from vqkit.config import Config, config_to_dict, replace
 from vqkit.data.cache import FeatureCache
 from vqkit.data.dataset import SegmentDataset
 from vqkit.errors import VqkitError
-from vqkit.files import remove_temporaries, write_json
+from vqkit.files import check_output, remove_temporaries, write_json
+from vqkit.limits import check_threads
 from vqkit.nn.model import Autoencoder, build_model
 from vqkit.run import RunFolder
 from vqkit.train.distributed import Distributed, batch_indices, init_distributed, step_seed
@@ -85,6 +86,9 @@ def train(
     Ctrl-C (or SIGTERM) saves ``last`` after the current step, then raises KeyboardInterrupt.
     Torch runs on the caller's threads (``vqkit train`` applies ``train.threads``).
     """
+    check_output(run, data)
+    if config.train.threads > 0:
+        check_threads(config.train.threads, "train.threads")
     dist = init_distributed(config.train.device)
     try:
         session = start(config, Path(data), Path(run), resume, dist)

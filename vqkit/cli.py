@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vqkit import __version__
 from vqkit.config import Layout, choices
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 
 
 def _csv(text: str) -> list[str]:
@@ -59,8 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(config, data=args.data, run=args.run, resume=args.resume)
     for split, row in (("val", result.val), ("test", result.test)):
         if row:
-            shown = {k: v for k, v in row.items() if k in ("recon", "sd_db", "psnr_db", "usage/0")}
-            print(f"{split}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+            kept = {k: v for k, v in row.items() if k in ("recon", "sd_db", "psnr_db", "usage/0")}
+            print(f"{split}: " + ", ".join(f"{k} {v:.4g}" for k, v in kept.items()))
     print(f"trained {result.step} steps; checkpoints in {result.run / 'checkpoints'}")
     return 0
 
@@ -96,7 +96,7 @@ def _print_bench(results: dict, out: Path) -> None:
 
     print(format_table(results["summary"]))
     for skip in results["skipped"]:
-        print(f"skipped {skip['system']}: {skip['reason']}")
+        print(f"skipped {skip['system']}: {shown(skip['reason'], limit=None)}")
     print(f"results: {out / 'results.json'} (and results.csv, clips.csv)")
     print(f"report: {out / results['report']}")
 
@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VqkitError as e:
         if args.debug:
             raise
-        print(f"vqkit: error: {e}", file=sys.stderr)
+        print(f"vqkit: error: {shown(e, limit=None)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vqkit: interrupted", file=sys.stderr)
@@ -346,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line unless --debug asks for the traceback
         if args.debug:
             raise
-        message = f"vqkit: internal error: {type(e).__name__}: {e} (rerun with --debug)"
+        message = f"internal error: {type(e).__name__}: {shown(e, limit=None)} (rerun with --debug)"
+        message = f"vqkit: {message}"
         print(message, file=sys.stderr)
         return 1

@@ -93,7 +93,7 @@ def write_audio(path: str | os.PathLike, wave: np.ndarray, sample_rate: int) -> 
     """Write mono ``(T,)`` audio as 16-bit WAV or FLAC (by extension), atomically."""
     path = Path(path)
     fmt = _audio_format(path)
-    wave = np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0)
+    wave = pcm_range(wave)
     with atomic_path(path) as tmp:
         sf.write(str(tmp), wave, sample_rate, format=fmt, subtype="PCM_16")
 
@@ -110,7 +110,14 @@ def write_audio_blocks(
         sf.SoundFile(str(tmp), "w", sample_rate, 1, "PCM_16", format=fmt) as sink,
     ):
         for block in blocks:
-            sink.write(np.clip(block, -1.0, 1.0))
+            sink.write(pcm_range(block))
+
+
+def pcm_range(wave: np.ndarray) -> np.ndarray:
+    """Samples ``(T,)`` fit for a 16-bit file: NaN and infinite ones (a model gone wrong) become
+    silence, never full scale, and the rest is clipped to [-1, 1]."""
+    wave = np.asarray(wave, dtype=np.float32)
+    return np.clip(np.where(np.isfinite(wave), wave, np.float32(0)), -1.0, 1.0)
 
 
 def _audio_format(path: Path) -> str:

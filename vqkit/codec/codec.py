@@ -46,7 +46,7 @@ from vqkit.codec.codefile import EncodedAudio, bits_per_code
 from vqkit.codec.side import pitch_codes, pitch_from_codes, side_codebooks
 from vqkit.codec.stream import synthesise_chunked
 from vqkit.config import Config
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 from vqkit.files import atomic_write_bytes
 from vqkit.nn.normalise import Normaliser
 from vqkit.run import resolve_model
@@ -250,7 +250,7 @@ class Codec:
     def _check_encoded(self, encoded: EncodedAudio) -> None:
         if encoded.model_id != self.model_id:
             raise VqkitError(
-                f"the code file was made by model {encoded.model_id}, not this model "
+                f"the code file was made by model '{shown(encoded.model_id)}', not this model "
                 f"({self.model_id}): decode with the --model it was encoded with"
             )
         expected = math.ceil(encoded.n_frames / self.downsample)

@@ -162,7 +162,7 @@ BAD_AUDIO: dict[str, tuple[Callable[[Path], object], str]] = {
     "3999 Hz": (at_rate(3999), "sample rate 3999 Hz is not supported"),
     "400 kHz": (at_rate(400_000), "sample rate 400000 Hz is not supported"),
     "2 GHz": (at_rate(2**31 - 1), "sample rate 2147483647 Hz is not supported"),
-    "a folder": (lambda p: p.mkdir(), "no such file"),
+    "a folder": (lambda p: p.mkdir(), "cannot read .*in.wav: it is a folder, not an audio file"),
     "missing": (lambda p: None, "no such file"),
 }
 

@@ -7,12 +7,35 @@ clear line naming the file, or a result that is whole and true.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
+import pytest
 import soundfile as sf
-from test_guarantees import RATE, assert_fails, tone, vqkit_cli  # noqa: F401 (fixtures)
+from test_guarantees import RATE, assert_fails, crafted, save_tiny, tone, vqkit_cli
 
 from vqkit.audio.io import pcm_range, write_audio_blocks
+from vqkit.cli import main
 from vqkit.errors import shown
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def code_file(model: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A short valid code file of ``model``."""
+    folder = tmp_path_factory.mktemp("code")
+    sf.write(folder / "in.wav", tone(400), RATE, subtype="PCM_16")
+    assert (
+        main([str(a) for a in ("encode", folder / "in.wav", folder / "x.vqc", "--model", model)])
+        == 0
+    )
+    return (folder / "x.vqc").read_bytes()
 
 
 def test_untrusted_text_is_shown_escaped_and_short() -> None:
@@ -29,3 +52,100 @@ def test_non_finite_samples_are_written_as_silence(tmp_path) -> None:
     write_audio_blocks(tmp_path / "x.wav", [wave[:2], wave[2:]], RATE)
     written = sf.read(tmp_path / "x.wav", dtype="float32")[0]
     np.testing.assert_allclose(written, [0, 0, 0, 0.5, 32767 / 32768, -1], atol=1e-4)
+
+
+# ---- messages that say what is wrong ------------------------------------------------------------
+
+
+def not_a_file(kind: str) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        if kind == "fifo":
+            os.mkfifo(folder / "in.wav")
+        elif kind == "folder":
+            (folder / "in.wav").mkdir()
+        return {"stdin": Path("/dev/stdin"), "-": Path("-")}.get(kind, folder / "in.wav")
+
+    return make
+
+
+INPUTS = {
+    "fifo": "in.wav: it is a pipe \\(FIFO\\), not a regular file; give an audio file",
+    "folder": "in.wav: it is a folder, not an audio file",
+    "stdin": "/dev/stdin: it is a (pipe|device)",  # whatever stdin is under the test runner
+    "-": "cannot read '-': reading standard input is not supported",
+}
+
+
+@pytest.mark.parametrize("kind", INPUTS)
+def test_inputs_that_are_not_files_are_named_for_what_they_are(
+    kind: str, model: Path, tmp_path: Path, capfd
+) -> None:
+    source = not_a_file(kind)(tmp_path)
+    if kind == "stdin" and Path("/dev/stdin").resolve().is_file():
+        pytest.skip("stdin is a regular file here, which vqkit reads")
+    output = tmp_path / "out.vqc"
+    assert_fails(capfd, ["encode", source, output, "--model", model], INPUTS[kind], output)
+    assert_fails(
+        capfd, ["decode", source, tmp_path / "o.wav", "--model", model], "cannot read", output
+    )
+
+
+BITRATES = {
+    "nan": "bitrate must be a positive number of kbit/s, got nan",
+    "inf": "bitrate must be a positive number of kbit/s, got inf",
+    "0": "bitrate must be a positive number of kbit/s, got 0",
+    "-1": "bitrate must be a positive number of kbit/s, got -1",
+    "0.1": "bitrate 0.1 kbit/s is below this model's lowest",
+    "1,2": "encode: argument --bitrate: invalid float value: '1,2' \\(see vqkit encode --help\\)",
+    "abc": "encode: argument --bitrate: invalid float value: 'abc'",
+}
+
+
+@pytest.mark.parametrize("bitrate", BITRATES)
+def test_bad_bitrates_are_one_line_and_exit_1(
+    bitrate: str, model: Path, tmp_path: Path, capfd
+) -> None:
+    sf.write(tmp_path / "in.wav", tone(RATE), RATE)
+    argv = ["encode", tmp_path / "in.wav", tmp_path / "x.vqc", "--model", model, "--bitrate"]
+    assert_fails(capfd, [*argv, bitrate], BITRATES[bitrate], tmp_path / "x.vqc")
+
+
+def test_argument_errors_exit_1_with_one_line(tmp_path: Path, capfd) -> None:
+    """The README promises exit 1 and one line for every bad input, argparse's included."""
+    assert_fails(capfd, ["encode"], "encode: the following arguments are required", tmp_path)
+    assert_fails(capfd, ["frobnicate"], "argument VERB: invalid choice: 'frobnicate'", tmp_path)
+    assert_fails(
+        capfd, ["viz", "vq", "--out", tmp_path / "a.gif", "--steps", "x"], "--steps", tmp_path
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["encode", "--help"])
+    assert done.value.code == 0 and capfd.readouterr().out.startswith("usage: vqkit encode")
+
+
+def test_finite_samples_too_large_for_float32_are_not_called_nan(model: Path, tmp_path, capfd):
+    wave = tone(RATE).astype(np.float64)
+    wave[100] = 1e300
+    sf.write(tmp_path / "in.wav", wave, RATE, subtype="DOUBLE")
+    output = tmp_path / "x.vqc"
+    message = r"in.wav: samples reach 1e\+300, beyond float32's range \(3.4e\+38\)"
+    assert_fails(capfd, ["encode", tmp_path / "in.wav", output, "--model", model], message, output)
+    wave[100] = 1e30  # far above full scale, but a float32: valid audio
+    sf.write(tmp_path / "in.wav", wave, RATE, subtype="DOUBLE")
+    assert vqkit_cli(capfd, "encode", tmp_path / "in.wav", output, "--model", model)[0] == 0
+
+
+def test_a_bad_device_is_blamed_not_the_checkpoint(model: Path, tmp_path: Path, capfd) -> None:
+    argv = ["evaluate", model, "--data", tmp_path, "--out", tmp_path / "out", "--device", "evil"]
+    message = "device must be one of auto, cpu, cuda or cuda:N, got 'evil'"
+    assert_fails(capfd, argv, message, tmp_path / "out")
+
+
+def test_code_file_errors_name_the_file(model: Path, code_file: bytes, tmp_path: Path, capfd):
+    (tmp_path / "bad.vqc").write_bytes(crafted(code_file, id="0123456789abcdef"))
+    (tmp_path / "cut.vqc").write_bytes(code_file[:-3])
+    for name, message in (
+        ("bad", "the code file was made by model"),
+        ("cut", "truncated code file"),
+    ):
+        argv = ["decode", tmp_path / f"{name}.vqc", tmp_path / "o.wav", "--model", model]
+        assert_fails(capfd, argv, f"error: {tmp_path}/{name}.vqc: {message}", tmp_path / "o.wav")

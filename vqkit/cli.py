@@ -7,6 +7,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from vqkit import __version__
 from vqkit.config import Layout, choices
@@ -247,8 +248,17 @@ def _add_teaching_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad argument is the README's one line and exit status 1, not a
+    usage block and status 2 (``--help`` still prints the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        verb = self.prog.removeprefix("vqkit").strip()
+        raise VqkitError(f"{verb + ': ' if verb else ''}{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vqkit",
         description="Learn discrete and continuous latent codes of speech and images; "
         "encode speech at a low bitrate.",
@@ -332,7 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``vqkit`` command; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except VqkitError as e:
+        print(f"vqkit: error: {shown(e, limit=None)}", file=sys.stderr)
+        return 1
     try:
         return args.fn(args)
     except VqkitError as e:

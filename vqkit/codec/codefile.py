@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import numpy as np
 
 from vqkit.audio.io import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from vqkit.errors import VqkitError, shown
+from vqkit.files import check_readable
 
 MAGIC = b"VQKC"
 FORMAT_VERSION = 1
@@ -194,6 +196,20 @@ class EncodedAudio:
         if self.gain_db:
             header["g"] = self.gain_db
         return header
+
+
+def read_code_file(path: str | os.PathLike) -> tuple[EncodedAudio, int]:
+    """Read and check the ``.vqc`` file ``path``; returns it and its size in bytes. Errors name
+    the file."""
+    path = check_readable(path, "a .vqc code file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise VqkitError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return EncodedAudio.from_bytes(data), len(data)
+    except VqkitError as e:
+        raise VqkitError(f"{path}: {e}") from None
 
 
 def _split(data: bytes) -> tuple[bytes, bytes]:

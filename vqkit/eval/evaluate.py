@@ -23,6 +23,7 @@ from vqkit.eval.plots import draw_examples
 from vqkit.files import write_json
 from vqkit.nn.model import Autoencoder
 from vqkit.run import RunFolder, resolve_model
+from vqkit.train.distributed import pick_device
 from vqkit.train.log import plot_losses, read_metrics
 from vqkit.train.validate import eval_frames, evaluate
 
@@ -44,6 +45,7 @@ def evaluate_run(
     ``out/grid.png`` (images: ``n_grid`` originals over their reconstructions) or
     ``out/spectrograms.png`` (audio). Returns what ``metrics.json`` holds.
     """
+    device = str(pick_device(device, setting="device"))  # before a bad name can blame the model
     path = resolve_model(run)
     checkpoint = load_checkpoint(path, map_location=device)
     cache = FeatureCache(data)

@@ -18,7 +18,8 @@ from test_guarantees import RATE, assert_fails, crafted, save_tiny, tone, vqkit_
 
 from vqkit.audio.io import pcm_range, write_audio_blocks
 from vqkit.cli import main
-from vqkit.errors import shown
+from vqkit.codec.codec import load_codec
+from vqkit.errors import VqkitError, shown
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,55 @@ def test_code_file_errors_name_the_file(model: Path, code_file: bytes, tmp_path:
     ):
         argv = ["decode", tmp_path / f"{name}.vqc", tmp_path / "o.wav", "--model", model]
         assert_fails(capfd, argv, f"error: {tmp_path}/{name}.vqc: {message}", tmp_path / "o.wav")
+
+
+# ---- the Python API ---------------------------------------------------------------------------
+
+
+def test_the_api_takes_numpy_rates_integer_pcm_bytes_and_paths(model: Path, tmp_path: Path):
+    codec = load_codec(model)
+    wave = tone(RATE)
+    encoded = codec.encode(wave, RATE)
+    for rate in (np.int64(RATE), np.int32(RATE), float(RATE), np.float32(RATE)):
+        again = codec.encode(wave, rate)
+        assert again.to_bytes() == encoded.to_bytes(), type(rate)
+    pcm = np.round(wave * 32768).clip(-32768, 32767).astype(np.int16)
+    scaled = codec.encode(pcm.astype(np.float32) / 32768, RATE).to_bytes()
+    assert codec.encode(pcm, RATE).to_bytes() == scaled  # int16 by its full scale
+    unsigned = (pcm.astype(np.int32) + 32768).astype(np.uint16)
+    assert codec.encode(unsigned, RATE).to_bytes() == scaled  # unsigned around its midpoint
+    data = encoded.to_bytes()
+    (tmp_path / "x.vqc").write_bytes(data)
+    decoded = codec.decode(encoded)
+    for source in (data, bytearray(data), tmp_path / "x.vqc", str(tmp_path / "x.vqc")):
+        np.testing.assert_array_equal(codec.decode(source), decoded)
+
+
+API_REFUSALS = {
+    "complex samples": (np.complex64, RATE, "complex samples; pass real audio"),
+    "string samples": (np.str_, RATE, "samples of type <U.* are not audio"),
+    "a fractional rate": (np.float32, 8000.5, "whole number of Hz, got 8000.5"),
+    "a NaN rate": (np.float32, float("nan"), "whole number of Hz, got nan"),
+    "a rate as text": (np.float32, "8000", "must be a number of Hz, got '8000'"),
+    "a rate of True": (np.float32, True, "must be a number of Hz, got True"),
+    "a rate of 100 Hz": (np.float32, np.int16(100), "sample rate 100 Hz is outside 4000"),
+}
+
+
+@pytest.mark.parametrize("case", API_REFUSALS)
+def test_the_api_refuses_before_encoding(case: str, model: Path, monkeypatch) -> None:
+    dtype, rate, message = API_REFUSALS[case]
+    codec = load_codec(model)
+    monkeypatch.setattr(codec, "_encode_stream", lambda *a: pytest.fail("encoding started"))
+    with pytest.raises(VqkitError, match=message):
+        codec.encode(tone(RATE).astype(dtype), rate)
+
+
+def test_the_api_refuses_what_is_not_a_code_file(model: Path, tmp_path: Path) -> None:
+    codec = load_codec(model)
+    with pytest.raises(VqkitError, match="expected EncodedAudio, the bytes .*, got int"):
+        codec.decode(3)
+    with pytest.raises(VqkitError, match="not a vqkit code file"):
+        codec.decode(b"RIFF0000WAVE")
+    with pytest.raises(VqkitError, match=f"cannot read {tmp_path}/none.vqc: no such file"):
+        codec.decode(tmp_path / "none.vqc")

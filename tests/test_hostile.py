@@ -202,3 +202,48 @@ def test_the_api_refuses_what_is_not_a_code_file(model: Path, tmp_path: Path) ->
         codec.decode(b"RIFF0000WAVE")
     with pytest.raises(VqkitError, match=f"cannot read {tmp_path}/none.vqc: no such file"):
         codec.decode(tmp_path / "none.vqc")
+
+
+# ---- corpora: nothing outside the root, nothing cut short ---------------------------------------
+
+
+def test_prepare_refuses_links_out_of_the_corpus_and_truncated_wavs(tmp_path: Path, capfd):
+    """A folder corpus holding a link to a file outside it, a link to a file inside it (fine),
+    a link to a folder outside it (not walked) and a WAV cut short: only whole files inside the
+    root are prepared, the others named with their reason."""
+    root, outside = tmp_path / "corpus", tmp_path / "outside"
+    (root / "ann").mkdir(parents=True)
+    outside.mkdir()
+    for folder, name in ((root / "ann", "a.wav"), (root / "ann", "b.wav"), (outside, "secret.wav")):
+        sf.write(folder / name, tone(800), RATE, subtype="PCM_16")
+    (root / "ann" / "secret.wav").symlink_to(outside / "secret.wav")
+    (root / "ann" / "again.wav").symlink_to(root / "ann" / "a.wav")
+    (root / "elsewhere").symlink_to(outside)
+    (root / "ann" / "cut.wav").write_bytes((root / "ann" / "b.wav").read_bytes()[:600])
+    argv = ["prepare", root, tmp_path / "cache", "--set", f"audio.sample_rate={RATE}"]
+    status, out, err = vqkit_cli(capfd, *argv, "--set", "data.val_fraction=0.0")
+    assert status == 0, err
+    assert "prepared 3 utterances" in out and "2 failed" in out, out
+    assert "failed: ann/secret.wav: " in out and "a symbolic link out of the corpus root" in out
+    assert "failed: ann/cut.wav: " in out and "truncated WAV file" in out
+    rows = (tmp_path / "cache" / "manifest.jsonl").read_text()
+    assert "secret" not in rows and "cut.wav" not in rows and "again.wav" in rows
+
+
+def test_image_folders_refuse_links_out_of_the_root(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from vqkit.config import load_config
+    from vqkit.data.prepare import prepare
+
+    root, outside = tmp_path / "pictures", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    for folder, name in ((root, "a.png"), (root, "b.png"), (outside, "secret.png")):
+        Image.fromarray(np.zeros((6, 5), np.uint8)).save(folder / name)
+    (root / "c.png").symlink_to(outside / "secret.png")
+    config = load_config(None, ["data.val_fraction=0.0", "data.test_fraction=0.0"])
+    summary = prepare(root, tmp_path / "cache", config, progress=False)
+    assert summary.n_ok == 2 and dict(summary.failed) == {
+        "c.png": "a symbolic link out of the corpus root; not followed"
+    }

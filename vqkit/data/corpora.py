@@ -79,6 +79,20 @@ def list_corpus(root: str | Path, data: DataConfig) -> tuple[str, list[Utterance
     return layout, assign_splits(utterances, data, official=layout in ("fsdd", "speechcommands"))
 
 
+def inside_root(root: Path, rel: str) -> Path:
+    """``root / rel``, refused with a :class:`VqkitError` when a symbolic link (the file or a
+    folder on the way) leads out of ``root``: a corpus is what lies inside its root, so a link
+    to ``/etc/passwd`` is never opened. Links inside the root are followed."""
+    path = root / rel
+    try:
+        leads_out = not path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a link loop: the reader says it cannot open it
+        return path
+    if leads_out:
+        raise VqkitError(f"{path}: a symbolic link out of the corpus root; not followed")
+    return path
+
+
 def detect_layout(root: Path) -> str:
     """The layout whose marks ``root`` has (see the module docstring)."""
     if (root / "metadata.csv").is_file() and (root / "wavs").is_dir():

@@ -7,6 +7,9 @@ clear line naming the file, or a result that is whole and true.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -247,3 +250,64 @@ def test_image_folders_refuse_links_out_of_the_root(tmp_path: Path) -> None:
     assert summary.n_ok == 2 and dict(summary.failed) == {
         "c.png": "a symbolic link out of the corpus root; not followed"
     }
+
+
+# ---- bench: one odd clip does not sink the run; names stay apart --------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_bench(model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    """``vqkit bench`` (model and oracle) on a folder of odd clips: 10 ms, one sample, a file
+    that is not audio, three names that clean up alike, and one clip whose spectrogram plot
+    fails. Returns the output folder, results.json and what the command printed."""
+    from vqkit.eval import report
+
+    clips, out = tmp_path_factory.mktemp("clips"), tmp_path_factory.mktemp("bench") / "out"
+    sf.write(clips / "normal.wav", tone(RATE // 2), RATE)
+    sf.write(clips / "ten ms.wav", tone(RATE // 100), RATE)
+    sf.write(clips / "one sample.wav", tone(1), RATE)
+    (clips / "not audio.wav").write_text("hello")
+    for i, name in enumerate(("a b.wav", "a_b.wav", "a_b.flac")):
+        sf.write(clips / name, tone(RATE // 4) * (i + 1) / 4, RATE)
+    plot = report.plot_spectrograms
+
+    def fails_on_normal(waves, rate, path):
+        if "normal" in path.name:
+            raise RuntimeError("the plot broke")
+        plot(waves, rate, path)
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(report, "plot_spectrograms", fails_on_normal)
+        argv = ["bench", clips, "--out", out, "--model", model, "--baselines", "oracle"]
+        assert main([str(a) for a in argv]) == 0
+    return out, json.loads((out / "results.json").read_text()), printed.getvalue()
+
+
+def test_a_clip_that_cannot_be_read_scored_or_plotted_does_not_sink_the_bench(odd_bench):
+    out, results, printed = odd_bench
+    assert (
+        results["unread"] == [{"file": "not audio.wav", "reason": results["unread"][0]["reason"]}]
+        and "cannot decode audio" in results["unread"][0]["reason"]
+    )
+    assert "not scored: not audio.wav: " in printed
+    rows = {(r["system"], r["clip"]): r for r in results["clips"]}
+    assert {clip for _, clip in rows} == {"normal", "ten_ms", "one_sample", "a_b", "a_b-2", "a_b-3"}
+    tiny = [r for (_, clip), r in rows.items() if clip in ("ten_ms", "one_sample")]
+    assert all(r["audio"] and "error" in r["pesq_nb"] for r in tiny)  # decoded; PESQ says why not
+    assert results["report_errors"] == [{"clip": "normal", "reason": "the plot broke"}]
+    assert "no spectrograms of normal: the plot broke" in printed
+    page = (out / "report.html").read_text()
+    assert "Not scored, not audio.wav" in page and "No spectrograms: the plot broke" in page
+    assert (out / "plots" / "spectrogram--ten_ms.png").is_file()
+    assert (out / "plots" / "spectrogram--one_sample.png").is_file()
+
+
+def test_bench_keeps_clips_whose_names_clean_up_alike_apart(odd_bench):
+    out, results, _ = odd_bench
+    files = {name: results["files"][name] for name in ("a_b", "a_b-2", "a_b-3")}
+    assert files == {"a_b": "a b.wav", "a_b-2": "a_b.flac", "a_b-3": "a_b.wav"}
+    audio = [r["audio"] for r in results["clips"] if r["audio"]]
+    assert len(audio) == len(set(audio)) == 3 * 6  # two bitrates and the oracle, six clips
+    levels = [np.abs(sf.read(out / "audio" / f"{n}--original.wav")[0]).max() for n in files]
+    assert levels[0] < levels[2] < levels[1]  # each its own file: scaled 1/4, 3/4, 2/4

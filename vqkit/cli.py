@@ -98,6 +98,10 @@ def _print_bench(results: dict, out: Path) -> None:
     print(format_table(results["summary"]))
     for skip in results["skipped"]:
         print(f"skipped {skip['system']}: {shown(skip['reason'], limit=None)}")
+    for unread in results.get("unread", []):
+        print(f"not scored: {shown(unread['file'])}: {shown(unread['reason'], limit=None)}")
+    for failed in results.get("report_errors", []):
+        print(f"no spectrograms of {failed['clip']}: {shown(failed['reason'], limit=None)}")
     print(f"results: {out / 'results.json'} (and results.csv, clips.csv)")
     print(f"report: {out / results['report']}")
 

@@ -94,6 +94,20 @@ def test_inputs_that_are_not_files_are_named_for_what_they_are(
     )
 
 
+def test_a_model_that_is_a_pipe_is_named_for_what_it_is(tmp_path: Path, capfd) -> None:
+    os.mkfifo(tmp_path / "model.safetensors")
+    sf.write(tmp_path / "in.wav", tone(RATE), RATE)
+    argv = [
+        "encode",
+        tmp_path / "in.wav",
+        tmp_path / "x.vqc",
+        "--model",
+        tmp_path / "model.safetensors",
+    ]
+    message = "model.safetensors: it is a pipe \\(FIFO\\), not a regular file; give a checkpoint"
+    assert_fails(capfd, argv, message, tmp_path / "x.vqc")
+
+
 BITRATES = {
     "nan": "bitrate must be a positive number of kbit/s, got nan",
     "inf": "bitrate must be a positive number of kbit/s, got inf",

@@ -49,6 +49,25 @@ def test_untrusted_text_is_shown_escaped_and_short() -> None:
     assert shown("a plain 'name'.wav") == "a plain 'name'.wav"
 
 
+def test_file_names_with_escape_sequences_are_printed_escaped(tmp_path: Path, capfd) -> None:
+    """A corpus file named with terminal control codes, broken and named in prepare's summary:
+    the name arrives escaped, never as a sequence the terminal would obey."""
+    (tmp_path / "corpus").mkdir()
+    sf.write(tmp_path / "corpus" / "fine.wav", tone(800), RATE)
+    (tmp_path / "corpus" / "\x1b]0;title\x07\x1b[2J\nok.wav").write_text("not audio")
+    argv = [
+        "prepare",
+        tmp_path / "corpus",
+        tmp_path / "cache",
+        "--set",
+        f"audio.sample_rate={RATE}",
+    ]
+    status, out, err = vqkit_cli(capfd, *argv)
+    assert status == 0, err
+    assert "\x1b" not in out + err and "\x07" not in out + err
+    assert "failed: \\x1b]0;title\\x07\\x1b[2J\\nok.wav: " in out
+
+
 def test_non_finite_samples_are_written_as_silence(tmp_path) -> None:
     """A model gone wrong must not write full-scale noise: NaN and Inf become 0."""
     wave = np.array([np.nan, np.inf, -np.inf, 0.5, 2.0, -3.0], np.float32)

@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and PNGs")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="(test)")
     p.add_argument("--grid", type=int, default=16, help="images in the grid picture (16)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cpu)")
 
     p = verb("encode", cmd_encode, "encode audio to a .vqc code file")
     p.add_argument("input", type=Path, help="audio file")

@@ -37,7 +37,7 @@ from vqkit.data.corpora import SPLITS, Utterance, inside_root, list_corpus
 from vqkit.data.image_prepare import prepare_images
 from vqkit.data.images import find_image_layout
 from vqkit.data.writer import PrepareSummary, locked, remove_unused_shards, shard_name, write_config
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 from vqkit.files import atomic_path, atomic_write_bytes, write_json
 
 SHARD_ITEMS = 32  # utterances per features file: fewer files and fsyncs, small resume loss
@@ -143,7 +143,9 @@ def _process(
                     rows.append(result.row)
                 else:
                     failed.append((result.path, result.reason or "unknown error"))
-                    progress.write(f"vqkit: skipping {result.path}: {result.reason}")
+                    progress.write(
+                        f"vqkit: skipping {shown(result.path)}: {shown(result.reason, None)}"
+                    )
             manifest.flush()
             seconds.update(chunk.seconds)
             progress.update(len(chunk.results))

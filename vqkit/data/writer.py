@@ -88,7 +88,8 @@ def write_config(out: Path, config: Config) -> None:
             before = old.get(section, {}).get(key)
             if before != value:
                 raise VqkitError(
-                    f"{out} was prepared with {section}.{key}={before!r}, now {value!r}; "
+                    f"{out} was prepared with {section}.{key}={shown(repr(before))}, now "
+                    f"{shown(repr(value))}; "
                     "prepare into a new folder (or delete it)"
                 )
 

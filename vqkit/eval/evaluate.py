@@ -18,7 +18,7 @@ from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.config import config_to_dict
 from vqkit.data.cache import FeatureCache
 from vqkit.data.dataset import SegmentDataset
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 from vqkit.eval.plots import draw_examples
 from vqkit.files import write_json
 from vqkit.nn.model import Autoencoder
@@ -90,7 +90,8 @@ def check_compatible(checkpoint: Checkpoint, cache: FeatureCache, path: Path) ->
     image = checkpoint.config.features.kind == "image"
     sections = ("features",) if image else ("audio", "features")
     differ = [
-        f"{section}.{key} {trained[section][key]!r} (model) vs {held[section][key]!r} (data)"
+        f"{section}.{key} {shown(repr(trained[section][key]))} (model) vs "
+        f"{shown(repr(held[section][key]))} (data)"
         for section in sections
         for key in trained[section]
         if trained[section][key] != held[section][key]

@@ -159,6 +159,15 @@ def test_argument_errors_exit_1_with_one_line(tmp_path: Path, capfd) -> None:
     assert done.value.code == 0 and capfd.readouterr().out.startswith("usage: vqkit encode")
 
 
+def test_config_errors_name_the_recipe(tmp_path: Path, capfd) -> None:
+    (tmp_path / "recipe.toml").write_text("[train]\nsteps = 'many'\n")
+    argv = ["train", tmp_path / "recipe.toml", "--data", tmp_path, "--run", tmp_path / "run"]
+    message = "error: .*recipe.toml: train.steps must be int, got 'many'"
+    assert_fails(capfd, argv, message, tmp_path / "run")
+    message = r"recipe.toml \(with --set overrides\): train.steps must be int"
+    assert_fails(capfd, [*argv, "--set", "train.lr=0.1"], message, tmp_path / "run")
+
+
 def test_finite_samples_too_large_for_float32_are_not_called_nan(model: Path, tmp_path, capfd):
     wave = tone(RATE).astype(np.float64)
     wave[100] = 1e300

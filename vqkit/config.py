@@ -267,7 +267,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise VqkitError(f"config file {path} does not exist") from None
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise VqkitError(f"cannot read config {path}: {e}") from None
-    return config_from_dict(merge_overrides(values, list(overrides)))
+    merged = merge_overrides(values, list(overrides))
+    try:
+        return config_from_dict(merged)
+    except VqkitError as e:
+        if path is None:
+            raise
+        where = f"{path} (with --set overrides)" if overrides else str(path)
+        raise VqkitError(f"{where}: {e}") from None
 
 
 def replace(config: Config, **sections: dict[str, Any]) -> Config:

@@ -1,4 +1,4 @@
-"""Hostile and careless use, second round (issue #17): what got past the bad-input table.
+"""Hostile and careless input, second round (issue #17): what got past the bad-input table.
 
 Each test drives the ``vqkit`` command (or the Python API) the way a careless or hostile user
 would, with the tiny random-weight model of :mod:`test_guarantees`, and checks the promise: one

@@ -198,7 +198,7 @@ def test_gain_side_information(checkpoint: Checkpoint, speech: np.ndarray) -> No
 def test_decoding_checks_the_model(tmp_path: Path, checkpoint: Checkpoint) -> None:
     other = load_codec(save_tiny(tmp_path / "other.safetensors", tiny_config(), seed=1))
     encoded = Codec(checkpoint).encode(np.zeros(800, np.float32), RATE)
-    with pytest.raises(VqkitError, match=f"made by model {checkpoint.model_id}, not this model"):
+    with pytest.raises(VqkitError, match=f"made by model '{checkpoint.model_id}', not this model"):
         other.decode(encoded)
     damaged = dataclasses.replace(encoded, model_id=other.model_id)
     damaged = dataclasses.replace(damaged, codebook_sizes=(63,) * 4, codes=damaged.codes % 63)

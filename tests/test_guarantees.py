@@ -162,7 +162,7 @@ BAD_AUDIO: dict[str, tuple[Callable[[Path], object], str]] = {
     "3999 Hz": (at_rate(3999), "sample rate 3999 Hz is not supported"),
     "400 kHz": (at_rate(400_000), "sample rate 400000 Hz is not supported"),
     "2 GHz": (at_rate(2**31 - 1), "sample rate 2147483647 Hz is not supported"),
-    "a folder": (lambda p: p.mkdir(), "no such file"),
+    "a folder": (lambda p: p.mkdir(), "cannot read .*in.wav: it is a folder, not an audio file"),
     "missing": (lambda p: None, "no such file"),
 }
 
@@ -332,6 +332,15 @@ BAD_CODE_FILES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "unknown header field": (lambda d: crafted(d, x=1), "unknown field 'x'"),
     "another model": (lambda d: crafted(d, id="0123456789abcdef"), "made by model"),
     "another hop": (lambda d: crafted(d, hop=64, n=7), "does not fit its model|inconsistent"),
+    "original rate 100 Hz": (
+        lambda d: crafted(d, osr=100, len=13),
+        r"'osr' must be an integer in 4000\.\.384000",
+    ),
+    "model rate 2 kHz": (lambda d: crafted(d, sr=2000), r"'sr' must be an integer in 4000"),
+    "escape sequences in the model id": (  # printed escaped, on one line
+        lambda d: crafted(d, id="\x1b]0;title\x07\x1b[2J\nvqkit: ok"),
+        r"made by model '\\x1b\]0;title\\x07\\x1b\[2J\\nvqkit: ok', not this",
+    ),
 }
 
 
@@ -492,6 +501,35 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, Path], object], str]] = {
             tensors=lambda flat: {**flat, "model.normaliser.meanstd.std": torch.zeros(N_BINS)}
         ),
         "normaliser's statistics are damaged",
+    ),
+    "normaliser with a negative std": (
+        tampered(
+            tensors=lambda flat: {**flat, "model.normaliser.meanstd.std": -torch.ones(N_BINS)}
+        ),
+        r"bad.safetensors: the normaliser's statistics are damaged \(std must be positive",
+    ),
+    "NaN normaliser mean": (
+        tampered(
+            tensors=lambda flat: {
+                **flat,
+                "model.normaliser.meanstd.mean": torch.full((N_BINS,), np.nan),
+            }
+        ),
+        "bad.safetensors: weight 'normaliser.meanstd.mean' holds NaN or Inf",
+    ),
+    "infinite normaliser std, stored beside the weights (as the shipped model's)": (
+        tampered(
+            tensors=lambda flat: {
+                **{k: v for k, v in flat.items() if "normaliser" not in k},
+                "norm.mean": torch.zeros(N_BINS),
+                "norm.std": torch.full((N_BINS,), np.inf),
+            }
+        ),
+        "weight 'normaliser.meanstd.std' holds NaN or Inf",
+    ),
+    "NaN in another tensor": (
+        tampered(tensors=lambda flat: {**flat, "extra": torch.tensor([0.0, -np.inf])}),
+        "tensor 'extra' holds NaN or Inf",
     ),
     "model rate 1 Hz": (
         config("audio", "sample_rate", 1),

@@ -262,6 +262,17 @@ def test_generate_samples_and_interpolates_a_vae(runs, tiny_cache, tmp_path):
     assert summary["kind"] == "vae" and summary["interpolations"][0] == "interp-00.wav"
 
 
+def test_generate_samples_a_vae_without_data(runs, tmp_path):
+    """Samples of a VAE need only the model: no cache, and so no interpolation."""
+    out = tmp_path / "vae"
+    printed = run_cli(["generate", runs["vae"], "--n", 3, "--out", out, "--iters", 2])
+    assert len(read_waves(sorted(out.glob("sample-*.wav")))) == 3
+    assert not list(out.glob("interp-*")) and "interpolation" not in printed
+    summary = json.loads((out / "generate.json").read_text())
+    assert summary["samples"] == ["sample-00.wav", "sample-01.wav", "sample-02.wav"]
+    assert summary["interpolations"] == []
+
+
 def test_interpolation_ends_at_the_two_clips(runs, tiny_cache, tiny_speech_dir):
     spec = load_spectrogram_model(runs["ae"])
     clips = [read_input(f"{tiny_cache}#0", spec), read_input(f"{tiny_cache}#5", spec)]

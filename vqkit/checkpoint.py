@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from vqkit.config import Config, config_from_dict, config_to_dict
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 from vqkit.files import atomic_path
 from vqkit.nn.model import Autoencoder, build_model
 
@@ -91,8 +91,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
         raise VqkitError(f"{path} is a safetensors file but not a vqkit checkpoint (no format tag)")
     if metadata.get("version") != str(FORMAT_VERSION):
         raise VqkitError(
-            f"{path} is vqkit checkpoint version {metadata.get('version')}; this vqkit reads "
-            f"version {FORMAT_VERSION}: retrain or use a matching vqkit"
+            f"{path} is vqkit checkpoint version {shown(metadata.get('version'))}; this vqkit "
+            f"reads version {FORMAT_VERSION}: retrain or use a matching vqkit"
         )
     try:
         config = config_from_dict(_json_object(metadata.get("config", ""), "config"))
@@ -103,6 +103,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
     if not any(k.startswith(NORMALISER_PREFIX) for k in weights):
         weights |= {new: flat.pop(old) for old, new in LEGACY_NORMALISER.items() if old in flat}
     model = _build_and_fill(path, config, meta, weights)
+    _check_tensors(path, flat)
     optimizer, scheduler = None, None
     try:
         if "optimizer" in metadata:
@@ -180,7 +181,7 @@ def _build_and_fill(
         raise VqkitError(
             f"{path}: checkpoint from another model: its weights do not fit the model built from "
             f"its config ({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} "
-            f"of another shape, e.g. '{example}')"
+            f"of another shape, e.g. '{shown(example)}')"
         )
     for name, tensor in weights.items():
         if tensor.is_floating_point() != expected[name].is_floating_point():
@@ -194,6 +195,14 @@ def _build_and_fill(
     except ValueError as e:
         raise VqkitError(f"{path}: the normaliser's statistics are damaged ({e})") from None
     return model
+
+
+def _check_tensors(path: Path, flat: dict[str, Tensor]) -> None:
+    """Every floating tensor beside the weights (optimizer state, extra statistics) finite: the
+    weights and the normaliser are checked as the model is filled."""
+    for name, tensor in flat.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise VqkitError(f"{path}: tensor '{shown(name)}' holds NaN or Inf: damaged")
 
 
 def _build(

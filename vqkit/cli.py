@@ -8,10 +8,11 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from vqkit import __version__
 from vqkit.config import Layout, choices
-from vqkit.errors import Interrupted, VqkitError
+from vqkit.errors import Interrupted, VqkitError, shown
 
 
 def _csv(text: str) -> list[str]:
@@ -60,8 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(config, data=args.data, run=args.run, resume=args.resume)
     for split, row in (("val", result.val), ("test", result.test)):
         if row:
-            shown = {k: v for k, v in row.items() if k in ("recon", "sd_db", "psnr_db", "usage/0")}
-            print(f"{split}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+            kept = {k: v for k, v in row.items() if k in ("recon", "sd_db", "psnr_db", "usage/0")}
+            print(f"{split}: " + ", ".join(f"{k} {v:.4g}" for k, v in kept.items()))
     print(f"trained {result.step} steps; checkpoints in {result.run / 'checkpoints'}")
     return 0
 
@@ -97,7 +98,11 @@ def _print_bench(results: dict, out: Path) -> None:
 
     print(format_table(results["summary"]))
     for skip in results["skipped"]:
-        print(f"skipped {skip['system']}: {skip['reason']}")
+        print(f"skipped {skip['system']}: {shown(skip['reason'], limit=None)}")
+    for unread in results.get("unread", []):
+        print(f"not scored: {shown(unread['file'])}: {shown(unread['reason'], limit=None)}")
+    for failed in results.get("report_errors", []):
+        print(f"no spectrograms of {failed['clip']}: {shown(failed['reason'], limit=None)}")
     print(f"results: {out / 'results.json'} (and results.csv, clips.csv)")
     print(f"report: {out / results['report']}")
 
@@ -244,8 +249,17 @@ def _add_teaching_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad argument is the README's one line and exit status 1, not a
+    usage block and status 2 (``--help`` still prints the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        verb = self.prog.removeprefix("vqkit").strip()
+        raise VqkitError(f"{verb + ': ' if verb else ''}{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vqkit",
         description="Learn discrete and continuous latent codes of speech and images; "
         "encode speech at a low bitrate.",
@@ -294,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and PNGs")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="(test)")
     p.add_argument("--grid", type=int, default=16, help="images in the grid picture (16)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cpu)")
 
     p = verb("encode", cmd_encode, "encode audio to a .vqc code file")
     p.add_argument("input", type=Path, help="audio file")
@@ -350,14 +364,18 @@ def _interruptible() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``vqkit`` command; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except VqkitError as e:
+        print(f"vqkit: error: {shown(e, limit=None)}", file=sys.stderr)
+        return 1
     try:
         with _interruptible():
             return args.fn(args)
     except VqkitError as e:
         if args.debug:
             raise
-        print(f"vqkit: error: {e}", file=sys.stderr)
+        print(f"vqkit: error: {shown(e, limit=None)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
@@ -366,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line unless --debug asks for the traceback
         if args.debug:
             raise
-        message = f"vqkit: internal error: {type(e).__name__}: {e} (rerun with --debug)"
+        message = f"internal error: {type(e).__name__}: {shown(e, limit=None)} (rerun with --debug)"
+        message = f"vqkit: {message}"
         print(message, file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 
 # The enumerated values, each defined once: the modules that dispatch on them list their choices
 # with :func:`choices`, and loading a config checks them (a typo names the valid values).
@@ -280,12 +280,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if typing.get_origin(tp) is tuple:
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         if not isinstance(value, list | tuple):
-            raise VqkitError(f"{where} must be a list of {item.__name__}, got {value!r}")
+            raise VqkitError(f"{where} must be a list of {item.__name__}, got {shown(repr(value))}")
         return tuple(_coerce(v, item, where) for v in value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is not bool and isinstance(value, bool) or not isinstance(value, tp):
-        raise VqkitError(f"{where} must be {tp.__name__}, got {value!r}")
+        raise VqkitError(f"{where} must be {tp.__name__}, got {shown(repr(value))}")
     return value
 
 
@@ -296,11 +296,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
         if key not in hints:
-            raise VqkitError(f"unknown config key '{path}'{_suggest(key, names)}")
+            raise VqkitError(f"unknown config key '{shown(path)}'{_suggest(key, names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise VqkitError(f"config section '{path}' must be a table, got {value!r}")
+                got = shown(repr(value))
+                raise VqkitError(f"config section '{shown(path)}' must be a table, got {got}")
             kwargs[key] = _build(tp, value, path)
         else:
             kwargs[key] = _coerce(value, tp, path)
@@ -362,7 +363,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise VqkitError(f"config file {path} does not exist") from None
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise VqkitError(f"cannot read config {path}: {e}") from None
-    return config_from_dict(merge_overrides(values, list(overrides)))
+    merged = merge_overrides(values, list(overrides))
+    try:
+        return config_from_dict(merged)
+    except VqkitError as e:
+        if path is None:
+            raise
+        where = f"{path} (with --set overrides)" if overrides else str(path)
+        raise VqkitError(f"{where}: {e}") from None
 
 
 def replace(config: Config, **sections: dict[str, Any]) -> Config:

@@ -110,6 +110,29 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def check_readable(path: str | os.PathLike, what: str = "a file") -> Path:
+    """``path`` when it is a regular file (or a link to one), else :class:`VqkitError` saying
+    what it is instead: missing, a folder, a pipe or a device (which a reader would block on or
+    consume), or ``-`` (standard input, which these readers do not take)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if str(path) == "-":
+            raise VqkitError(
+                f"cannot read '-': reading standard input is not supported; give {what} by path"
+            ) from None
+        raise VqkitError(f"cannot read {path}: no such file") from None
+    except OSError as e:
+        raise VqkitError(f"cannot read {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise VqkitError(f"cannot read {path}: it is a folder, not {what}")
+    if not stat.S_ISREG(mode):
+        kind = "a pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise VqkitError(f"cannot read {path}: it is {kind}, not a regular file; give {what}")
+    return path
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file, raising :class:`VqkitError` with the path when it is missing or broken."""
     path = Path(path)

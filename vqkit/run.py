@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqkit.errors import VqkitError
+from vqkit.files import check_readable
 
 CHECKPOINT_NAMES = ("best", "last")  # the one a run folder stands for first
 
@@ -67,6 +68,6 @@ def resolve_model(name: str | os.PathLike) -> Path:
             if run.checkpoint(candidate).is_file():
                 return run.checkpoint(candidate)
         raise VqkitError(f"{path} is a folder without checkpoints/best.safetensors (not a run?)")
-    if not path.is_file():
+    if not path.exists():
         raise VqkitError(f"model {path} does not exist (expected 'default', a run or a checkpoint)")
-    return path
+    return check_readable(path, "a checkpoint")  # not a pipe, which loading would block on

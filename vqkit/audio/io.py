@@ -7,6 +7,7 @@ Waveforms are float32 numpy arrays of shape ``(T,)`` in [-1, 1] unless stated ot
 
 from __future__ import annotations
 
+import numbers
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -16,39 +17,66 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from vqkit.errors import VqkitError
-from vqkit.files import atomic_path
+from vqkit.errors import VqkitError, shown
+from vqkit.files import atomic_path, check_readable
 
 # Below 4 kHz a recording holds under 2 kHz of bandwidth, too little for speech: such a rate is
 # almost always a damaged header, and upsampling it would multiply the samples to hold.
 MIN_SAMPLE_RATE = 4_000
 MAX_SAMPLE_RATE = 384_000
 BLOCK_FRAMES = 65536  # audio samples read (and resampled) at a time
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 _WAV_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # data sizes that streaming writers leave in the header
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
     """Read an audio file as mono float32 ``(T,)``, resampled to ``sample_rate`` when given.
 
-    Returns ``(wave, rate)``. Raises :class:`VqkitError` for missing, empty, undecodable or
-    non-finite files; silence is valid audio.
+    Returns ``(wave, rate)``. Raises :class:`VqkitError` for missing, empty, undecodable,
+    truncated or non-finite files; silence is valid audio.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise VqkitError(f"{path}: no such file")
+    path = check_readable(path, "an audio file")
+    check_complete(path)  # libsndfile would quietly read a cut-short WAV
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(str(path), dtype="float64", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
         raise VqkitError(f"{path}: cannot decode audio ({_short(e)})") from None
     if data.shape[0] == 0:
         raise VqkitError(f"{path}: audio has no samples")
-    if not np.isfinite(data).all():
-        raise VqkitError(f"{path}: audio contains NaN or Inf samples")
+    data = as_samples(data, str(path))
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if sample_rate is not None:
         wave = resample(wave, rate, sample_rate)
         rate = sample_rate
     return np.ascontiguousarray(wave, dtype=np.float32), int(rate)
+
+
+def as_samples(wave: np.ndarray, where: str = "waveform") -> np.ndarray:
+    """``wave`` (any shape) as float32 samples: integer PCM divided by its full scale (int16 by
+    32768; unsigned types around their midpoint, as 8-bit WAV stores them), floats as they are.
+
+    Raises :class:`VqkitError` naming ``where`` for complex, boolean or non-numeric samples, NaN
+    or Inf, and magnitudes beyond float32's range (floats above 1.0 are valid audio).
+    """
+    wave = np.asarray(wave)
+    kind = wave.dtype.kind
+    if kind in "iu":
+        half = 2.0 ** (8 * wave.dtype.itemsize - 1)
+        return ((wave.astype(np.float64) - (half if kind == "u" else 0.0)) / half).astype(
+            np.float32
+        )
+    if kind == "c":
+        raise VqkitError(f"{where}: complex samples; pass real audio (its real part, say)")
+    if kind != "f":
+        raise VqkitError(f"{where}: samples of type {wave.dtype} are not audio")
+    if not np.isfinite(wave).all():
+        raise VqkitError(f"{where}: audio contains NaN or Inf samples")
+    peak = float(np.abs(wave).max(initial=0.0))
+    if peak > FLOAT32_MAX:
+        raise VqkitError(
+            f"{where}: samples reach {peak:.3g}, beyond float32's range ({FLOAT32_MAX:.3g})"
+        )
+    return wave.astype(np.float32, copy=False)
 
 
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -93,7 +121,7 @@ def write_audio(path: str | os.PathLike, wave: np.ndarray, sample_rate: int) -> 
     """Write mono ``(T,)`` audio as 16-bit WAV or FLAC (by extension), atomically."""
     path = Path(path)
     fmt = _audio_format(path)
-    wave = np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0)
+    wave = pcm_range(wave)
     with atomic_path(path) as tmp:
         sf.write(str(tmp), wave, sample_rate, format=fmt, subtype="PCM_16")
 
@@ -110,7 +138,14 @@ def write_audio_blocks(
         sf.SoundFile(str(tmp), "w", sample_rate, 1, "PCM_16", format=fmt) as sink,
     ):
         for block in blocks:
-            sink.write(np.clip(block, -1.0, 1.0))
+            sink.write(pcm_range(block))
+
+
+def pcm_range(wave: np.ndarray) -> np.ndarray:
+    """Samples ``(T,)`` fit for a 16-bit file: NaN and infinite ones (a model gone wrong) become
+    silence, never full scale, and the rest is clipped to [-1, 1]."""
+    wave = np.asarray(wave, dtype=np.float32)
+    return np.clip(np.where(np.isfinite(wave), wave, np.float32(0)), -1.0, 1.0)
 
 
 def _audio_format(path: Path) -> str:
@@ -152,11 +187,19 @@ def _short(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def check_rate(sample_rate: int) -> None:
-    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+def check_rate(sample_rate: object) -> int:
+    """``sample_rate`` as an int in 4..384 kHz: any integer type (``np.int64(16000)``) or a
+    float holding a whole number (``16000.0``); anything else is a :class:`VqkitError`."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
+        raise VqkitError(f"sample rate must be a number of Hz, got {shown(repr(sample_rate))}")
+    if not isinstance(sample_rate, numbers.Integral) and not float(sample_rate).is_integer():
+        raise VqkitError(f"sample rate must be a whole number of Hz, got {sample_rate}")
+    rate = int(sample_rate)
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise VqkitError(
-            f"sample rate {sample_rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
+            f"sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
         )
+    return rate
 
 
 def resample_stream(
@@ -185,9 +228,7 @@ def exact_length(blocks: Iterable[np.ndarray], length: int) -> Iterator[np.ndarr
 def open_audio_blocks(path: str | os.PathLike) -> tuple[int, Iterator[np.ndarray]]:
     """The sample rate of an audio file and its mono float32 blocks, read a block at a time
     (the checks of :func:`read_audio`, applied block by block)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VqkitError(f"{path}: no such file")
+    path = check_readable(path, "an audio file")
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
@@ -206,13 +247,12 @@ def _blocks(path: Path, channels: int) -> Iterator[np.ndarray]:
     with sf.SoundFile(str(path)) as f:
         while True:
             try:
-                data = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+                data = f.read(BLOCK_FRAMES, dtype="float64", always_2d=True)
             except (sf.LibsndfileError, RuntimeError, ValueError) as e:
                 raise VqkitError(f"{path}: cannot decode audio ({_short(e)})") from None
             if len(data) == 0:
                 break
-            if not np.isfinite(data).all():
-                raise VqkitError(f"{path}: audio contains NaN or Inf samples")
+            data = as_samples(data, str(path))  # float64 first: 1e300 is finite, not Inf
             n_read += len(data)
             yield data.mean(axis=1) if channels > 1 else data[:, 0]
     if n_read == 0:

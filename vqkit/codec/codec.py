@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from vqkit.audio.io import (
     BLOCK_FRAMES,
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
+    as_samples,
     check_rate,
     exact_length,
     open_audio_blocks,
@@ -42,15 +43,16 @@ from vqkit.audio.io import (
 )
 from vqkit.audio.synthesis import make_synthesiser, postfilter
 from vqkit.checkpoint import Checkpoint, load_checkpoint
-from vqkit.codec.codefile import EncodedAudio, bits_per_code
+from vqkit.codec.codefile import EncodedAudio, bits_per_code, read_code_file
 from vqkit.codec.side import pitch_codes, pitch_from_codes, side_codebooks
 from vqkit.codec.stream import synthesise_chunked
 from vqkit.config import Config
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 from vqkit.files import AUDIO_SUFFIXES, atomic_write_bytes, check_output
 from vqkit.nn.normalise import Normaliser
 from vqkit.run import resolve_model
 
+CodeSource = EncodedAudio | bytes | bytearray | memoryview | str | os.PathLike
 PROBE_FRAMES = 256  # first input length for measuring a network's receptive field
 MAX_PROBE_FRAMES = 16384
 MAX_LEVEL_GAIN_DB = 60  # the level normalisation never scales by more than this
@@ -97,6 +99,10 @@ class Codec:
         """The most stages whose bitrate is at most ``bitrate`` kbit/s (all when None)."""
         if bitrate is None:
             return self.n_codebooks
+        if isinstance(bitrate, bool) or not isinstance(bitrate, numbers.Real):
+            raise VqkitError(f"bitrate must be a number of kbit/s, got {shown(repr(bitrate))}")
+        if not (math.isfinite(bitrate) and bitrate > 0):
+            raise VqkitError(f"bitrate must be a positive number of kbit/s, got {bitrate:g}")
         fitting = [q for q, rate in enumerate(self.bitrates, 1) if rate <= bitrate * (1 + 1e-9)]
         if not fitting:
             raise VqkitError(
@@ -117,21 +123,24 @@ class Codec:
         self, wave: np.ndarray, sample_rate: int, bitrate: float | None = None
     ) -> EncodedAudio:
         """Encode mono ``wave`` ``(T,)`` at ``sample_rate`` with the most stages whose bitrate
-        is at most ``bitrate`` kbit/s (all when None)."""
-        wave = np.asarray(wave, dtype=np.float32)
+        is at most ``bitrate`` kbit/s (all when None).
+
+        ``wave`` is float (full scale 1.0) or integer PCM (scaled by its full scale: int16 by
+        32768); ``sample_rate`` any whole number of Hz in 4..384 kHz. Everything is checked
+        before anything is encoded."""
+        sample_rate, n_stages = check_rate(sample_rate), self.n_stages(bitrate)
+        wave = as_samples(wave)
         if wave.ndim != 1 or wave.size == 0:
             raise VqkitError(f"expected a non-empty mono waveform (T,), got {wave.shape}")
-        if not np.isfinite(wave).all():
-            raise VqkitError("waveform contains NaN or Inf samples")
         blocks = [wave[i : i + BLOCK_FRAMES] for i in range(0, wave.size, BLOCK_FRAMES)]
         gain = self._gain(blocks)
-        return self.encode_blocks(blocks, sample_rate, self.n_stages(bitrate), gain)
+        return self.encode_blocks(blocks, sample_rate, n_stages, gain)
 
     def encode_blocks(
         self, blocks: Iterable[np.ndarray], sample_rate: int, n_stages: int, gain_db: int = 0
     ) -> EncodedAudio:
         """Encode consecutive mono blocks ``(T_i,)`` at ``sample_rate``, applying ``gain_db``."""
-        check_rate(sample_rate)
+        sample_rate = check_rate(sample_rate)
         length = [0]
 
         def counted() -> Iterator[np.ndarray]:
@@ -154,17 +163,18 @@ class Codec:
             gain_db=gain_db,
         )
 
-    def decode(self, encoded: EncodedAudio, iters: int | None = None) -> np.ndarray:
-        """Decode to mono ``(T,)`` float32 at the original sample rate and length."""
+    def decode(self, encoded: CodeSource, iters: int | None = None) -> np.ndarray:
+        """Decode to mono ``(T,)`` float32 at the original sample rate and length.
+
+        ``encoded`` is an :class:`EncodedAudio`, the bytes of a ``.vqc`` file, or its path."""
         return np.concatenate(list(self.decode_blocks(encoded, iters)))
 
-    def decode_blocks(
-        self, encoded: EncodedAudio, iters: int | None = None
-    ) -> Iterator[np.ndarray]:
+    def decode_blocks(self, encoded: CodeSource, iters: int | None = None) -> Iterator[np.ndarray]:
         """Decode to consecutive blocks at the original sample rate, ``encoded.length`` in all.
 
         Checks that ``encoded`` fits this model at once; the work happens as blocks are taken.
         """
+        encoded = as_encoded(encoded)
         self._check_encoded(encoded)
         n_frames, sr, osr = encoded.n_frames, self.sample_rate, encoded.orig_sample_rate
         # The model-rate length the encoder saw (soxr gives round(length * sr / osr) samples),
@@ -255,7 +265,7 @@ class Codec:
     def _check_encoded(self, encoded: EncodedAudio) -> None:
         if encoded.model_id != self.model_id:
             raise VqkitError(
-                f"the code file was made by model {encoded.model_id}, not this model "
+                f"the code file was made by model '{shown(encoded.model_id)}', not this model "
                 f"({self.model_id}): decode with the --model it was encoded with"
             )
         expected = math.ceil(encoded.n_frames / self.downsample)
@@ -301,18 +311,29 @@ def decode_file(
     iters: int | None = None,
 ) -> str:
     """Decode a ``.vqc`` code file to a WAV or FLAC file; returns a one-line summary."""
-    path, output = Path(input), Path(output)
     check_output(output, input, *_model_files(model))
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise VqkitError(f"cannot read {path}: {e.strerror or e}") from None
-    encoded = EncodedAudio.from_bytes(data)
+    encoded, n_bytes = read_code_file(input)
     codec = load_codec(model)
-    blocks = codec.decode_blocks(encoded, iters)
+    try:
+        blocks = codec.decode_blocks(encoded, iters)
+    except VqkitError as e:
+        raise VqkitError(f"{input}: {e}") from None
     write_audio_blocks(output, blocks, encoded.orig_sample_rate)
     n_stages = encoded.n_stages - len(codec.side)
-    return f"{output}: {n_stages} stages decoded, {_rates(encoded, len(data))}"
+    return f"{output}: {n_stages} stages decoded, {_rates(encoded, n_bytes)}"
+
+
+def as_encoded(source: CodeSource) -> EncodedAudio:
+    """An :class:`EncodedAudio` as it is; the bytes of a ``.vqc`` file parsed; a path read."""
+    if isinstance(source, EncodedAudio):
+        return source
+    if isinstance(source, bytes | bytearray | memoryview):
+        return EncodedAudio.from_bytes(bytes(source))
+    if isinstance(source, str | os.PathLike):
+        return read_code_file(source)[0]
+    raise VqkitError(
+        f"expected EncodedAudio, the bytes of a .vqc file or its path, got {type(source).__name__}"
+    )
 
 
 def _model_files(model: str | os.PathLike) -> list[str | os.PathLike]:

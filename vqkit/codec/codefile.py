@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -34,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from vqkit.audio.io import MAX_SAMPLE_RATE
-from vqkit.errors import VqkitError
+from vqkit.audio.io import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from vqkit.errors import VqkitError, shown
+from vqkit.files import check_readable
 
 MAGIC = b"VQKC"
 FORMAT_VERSION = 1
@@ -212,6 +214,20 @@ class EncodedAudio:
         return header
 
 
+def read_code_file(path: str | os.PathLike) -> tuple[EncodedAudio, int]:
+    """Read and check the ``.vqc`` file ``path``; returns it and its size in bytes. Errors name
+    the file."""
+    path = check_readable(path, "a .vqc code file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise VqkitError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return EncodedAudio.from_bytes(data), len(data)
+    except VqkitError as e:
+        raise VqkitError(f"{path}: {e}") from None
+
+
 def _split(data: bytes) -> tuple[bytes, bytes]:
     """Check magic, version, size and CRC; return (header JSON bytes, packed codes)."""
     if data[: len(MAGIC)] != MAGIC[: len(data)]:
@@ -271,14 +287,14 @@ def _check_fields(header: dict[str, Any]) -> dict[str, Any]:
     """Validate a header dict (types, ranges, consistency); return it."""
     unknown = sorted(set(header) - set(_KEYS))
     if unknown:
-        raise VqkitError(f"code file header has unknown field '{unknown[0]}'")
+        raise VqkitError(f"code file header has unknown field '{shown(unknown[0])}'")
     model_id = header.get("id")
     if not isinstance(model_id, str) or not 1 <= len(model_id) <= 64:
         raise VqkitError("code file header field 'id' must be a model id string")
-    sample_rate = _int(header, "sr", 1, MAX_SAMPLE_RATE)
+    sample_rate = _int(header, "sr", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
     hop_length = _int(header, "hop", 1, MAX_HOP_LENGTH)
     length = _int(header, "len", 1, MAX_LENGTH)
-    orig_sample_rate = _int(header, "osr", 1, MAX_SAMPLE_RATE)
+    orig_sample_rate = _int(header, "osr", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
     n_stages = _int(header, "q", 1, MAX_STAGES)
     n_code_frames = _int(header, "t", 1, MAX_LENGTH)
     n_frames = _int(header, "n", 1, n_code_frames * MAX_DOWNSAMPLE)

@@ -33,7 +33,7 @@ import numpy as np
 
 from vqkit.config import Config, config_from_dict, config_to_dict
 from vqkit.data.corpora import SPLITS
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 from vqkit.files import read_json
 
 FORMAT_VERSION = 1
@@ -47,10 +47,12 @@ IMAGE_SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.float16): 1.0}
 def safe_relative(path: object, where: str) -> PurePosixPath:
     """``path`` as a relative POSIX path that stays inside its root, else :class:`VqkitError`."""
     if not isinstance(path, str) or not path:
-        raise VqkitError(f"{where}: expected a relative path, got {path!r}")
+        raise VqkitError(f"{where}: expected a relative path, got {shown(repr(path))}")
     p = PurePosixPath(path)
     if p.is_absolute() or ".." in p.parts or "\\" in path or ":" in p.parts[0]:
-        raise VqkitError(f"{where}: path {path!r} escapes its root; the manifest is not trusted")
+        raise VqkitError(
+            f"{where}: path {shown(repr(path))} escapes its root; the manifest is not trusted"
+        )
     return p
 
 
@@ -90,7 +92,7 @@ def check_row(row: object, where: str) -> None:
     safe_relative(row["path"], where)
     safe_relative(row["features"], where)
     if row["split"] not in SPLITS:
-        raise VqkitError(f"{where}: unknown split {row['split']!r}")
+        raise VqkitError(f"{where}: unknown split {shown(repr(row['split']))}")
 
 
 class FeatureCache:

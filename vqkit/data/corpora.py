@@ -33,7 +33,7 @@ from pathlib import Path
 import soundfile as sf
 
 from vqkit.config import DataConfig, ImageLayout, Layout, choices
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 
 IMAGE_LAYOUTS = choices(ImageLayout)
 LAYOUTS = choices(Layout)
@@ -77,6 +77,20 @@ def list_corpus(root: str | Path, data: DataConfig) -> tuple[str, list[Utterance
         raise VqkitError(f"no audio files found in {root} for layout '{layout}'")
     utterances = select(utterances, data)
     return layout, assign_splits(utterances, data, official=layout in ("fsdd", "speechcommands"))
+
+
+def inside_root(root: Path, rel: str) -> Path:
+    """``root / rel``, refused with a :class:`VqkitError` when a symbolic link (the file or a
+    folder on the way) leads out of ``root``: a corpus is what lies inside its root, so a link
+    to ``/etc/passwd`` is never opened. Links inside the root are followed."""
+    path = root / rel
+    try:
+        leads_out = not path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a link loop: the reader says it cannot open it
+        return path
+    if leads_out:
+        raise VqkitError(f"{path}: a symbolic link out of the corpus root; not followed")
+    return path
 
 
 def detect_layout(root: Path) -> str:
@@ -176,7 +190,9 @@ def _list_ljspeech(root: Path) -> list[Utterance]:
         if len(fields) >= 2 and fields[0].strip():
             name = fields[0].strip()
             if "/" in name or "\\" in name or name.startswith("."):  # must stay inside wavs/
-                raise VqkitError(f"{metadata}:{number}: id {name!r} is not a plain file name")
+                raise VqkitError(
+                    f"{metadata}:{number}: id {shown(repr(name))} is not a plain file name"
+                )
             text = fields[2] if len(fields) > 2 else fields[1]
             out.append(Utterance(f"wavs/{name}.wav", "LJ", None, None, text))
     return out
@@ -200,8 +216,10 @@ def select(utterances: list[Utterance], data: DataConfig) -> list[Utterance]:
         present = {getattr(u, key) for u in utterances} - {None}
         missing = sorted(set(wanted) - present)
         if missing:
-            shown = ", ".join(sorted(present)[:20]) or "none"
-            raise VqkitError(f"{key} {missing[0]!r} not found in the corpus; present: {shown}")
+            listed = shown(", ".join(sorted(present)[:20]) or "none", limit=200)
+            raise VqkitError(
+                f"{key} {shown(repr(missing[0]))} not found in the corpus; present: {listed}"
+            )
         utterances = [u for u in utterances if getattr(u, key) in wanted]
     if data.max_per_speaker > 0:
         counts: Counter[str | None] = Counter()

@@ -44,6 +44,7 @@ from vqkit.data.corpora import (
     IMAGE_SUFFIXES,
     Utterance,
     detect_layout,
+    inside_root,
 )
 from vqkit.errors import VqkitError
 
@@ -173,11 +174,11 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
 
 
 def _list_cifar10(root: Path) -> ImageCorpus:
-    folder = root / CIFAR_FOLDER if (root / CIFAR_FOLDER).is_dir() else root
+    folder = CIFAR_FOLDER if (root / CIFAR_FOLDER).is_dir() else "."
     parts = [
-        (name, *read_cifar_batch(folder / name), "test" if name == CIFAR_TEST else "train")
-        for name in (*CIFAR_TRAIN, CIFAR_TEST)
-        if (folder / name).is_file()
+        (name, *read_cifar_batch(inside_root(root, f"{folder}/{name}")), split)
+        for name, split in [*((n, "train") for n in CIFAR_TRAIN), (CIFAR_TEST, "test")]
+        if (root / folder / name).is_file()
     ]
     return _from_arrays("cifar10", parts)
 
@@ -217,13 +218,13 @@ def _list_mnist_idx(root: Path) -> ImageCorpus:
     labels_files = _idx_files(root, "idx1")
     parts = []
     for name, path in sorted(_idx_files(root, "idx3").items()):
-        images = read_idx(path)
+        images = read_idx(inside_root(root, path.name))
         if images.dtype != np.uint8:
             raise VqkitError(f"{path}: expected uint8 images (n, H, W), got {images.dtype}")
         labels = None
         label_path = labels_files.get(name.replace("images", "labels").replace("idx3", "idx1"))
         if label_path is not None:
-            labels = read_idx(label_path)
+            labels = read_idx(inside_root(root, label_path.name))
             if labels.shape != images.shape[:1]:
                 raise VqkitError(f"{label_path} has {labels.shape} labels for {len(images)} images")
         split = "test" if name.startswith(("t10k", "test")) else None
@@ -252,8 +253,10 @@ def _list_image_folder(root: Path) -> ImageCorpus:
         if path.suffix.lower() not in IMAGE_SUFFIXES or "/." in f"/{rel}" or not path.is_file():
             continue
         try:
-            with Image.open(path) as image:  # reads the header only
+            with Image.open(inside_root(root, rel)) as image:  # reads the header only
                 headers[rel] = image.mode, image.size
+        except VqkitError as e:
+            failed.append((rel, str(e).removeprefix(f"{path}: ")))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             failed.append((rel, f"Pillow cannot read it ({e})"))
     sizes = Counter(size for _, size in headers.values())

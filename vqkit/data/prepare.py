@@ -33,11 +33,11 @@ from vqkit.data.cache import (
     STD_FLOOR_DB,
     check_row,
 )
-from vqkit.data.corpora import SPLITS, Utterance, list_corpus
+from vqkit.data.corpora import SPLITS, Utterance, inside_root, list_corpus
 from vqkit.data.image_prepare import prepare_images
 from vqkit.data.images import find_image_layout
 from vqkit.data.writer import PrepareSummary, locked, remove_unused_shards, shard_name, write_config
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 from vqkit.files import atomic_path, atomic_write_bytes, check_output, write_json
 from vqkit.limits import check_threads
 
@@ -144,7 +144,9 @@ def _process(
                     rows.append(result.row)
                 else:
                     failed.append((result.path, result.reason or "unknown error"))
-                    progress.write(f"vqkit: skipping {result.path}: {result.reason}")
+                    progress.write(
+                        f"vqkit: skipping {shown(result.path)}: {shown(result.reason, None)}"
+                    )
             manifest.flush()
             seconds.update(chunk.seconds)
             progress.update(len(chunk.results))
@@ -199,7 +201,7 @@ class _Worker:
         """One utterance's float16 features ``(F, N)`` and its row, or the reason it failed."""
         times = [time.perf_counter()]
         try:
-            wave, rate = read_audio(self.src / u.path, self.audio.sample_rate)
+            wave, rate = read_audio(inside_root(self.src, u.path), self.audio.sample_rate)
         except VqkitError as e:
             return _Result(u.path, None, str(e).removeprefix(f"{self.src / u.path}: ")), None
         if self.audio.duration > 0:

@@ -15,7 +15,7 @@ from pathlib import Path
 from vqkit.config import Config, config_to_dict
 from vqkit.data.cache import CONFIG, FEATURES, FORMAT_VERSION, PREPARED_SECTIONS
 from vqkit.data.corpora import IMAGE_LAYOUTS, SPLITS
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 from vqkit.files import read_json, write_json
 
 
@@ -44,7 +44,7 @@ class PrepareSummary:
             f"{self.n_ok - self.n_skipped} new, {self.n_skipped} already done, "
             f"{self.n_failed} failed; {self.seconds.get('wall', 0.0):.1f} s"
         ]
-        lines += [f"  failed: {path}: {reason}" for path, reason in self.failed[:20]]
+        lines += [f"  failed: {shown(path)}: {shown(why, None)}" for path, why in self.failed[:20]]
         if self.n_failed > 20:
             lines.append(f"  ... and {self.n_failed - 20} more (all listed in stats.json)")
         return "\n".join(lines)
@@ -98,7 +98,8 @@ def write_config(out: Path, config: Config) -> None:
             before = old.get(section, {}).get(key)
             if before != value:
                 raise VqkitError(
-                    f"{out} was prepared with {section}.{key}={before!r}, now {value!r}; "
+                    f"{out} was prepared with {section}.{key}={shown(repr(before))}, now "
+                    f"{shown(repr(value))}; "
                     "prepare into a new folder (or delete it)"
                 )
 

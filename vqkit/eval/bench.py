@@ -97,8 +97,8 @@ def _run_clips(
     for _, wave in clips:
         try:
             outputs.append(system.run(wave, rate))
-        except (RuntimeError, VqkitError) as e:
-            outputs.append(str(e))
+        except (RuntimeError, ValueError, VqkitError) as e:
+            outputs.append(str(e) or type(e).__name__)
     done = [(c, o) for c, o in zip(clips, outputs, strict=True) if isinstance(o, Output)]
     if not system.needs_alignment or not done:
         return outputs, None
@@ -129,7 +129,11 @@ def _clip_row(
 
     row.update(kbps=kbps(out.payload_bytes), kbps_file=kbps(out.n_bytes))
     row.update(rtf_encode=out.encode_seconds / seconds, rtf_decode=out.decode_seconds / seconds)
-    row.update(score(ref, rate, out, system.narrowband))
+    try:
+        row.update(score(ref, rate, out, system.narrowband))
+    except (ValueError, RuntimeError, VqkitError) as e:  # too short to compare, say
+        scores = [k for k in METRIC_KEYS if not k.startswith(("kbps", "rtf"))]
+        row.update(dict.fromkeys(scores, {"error": str(e) or type(e).__name__}))
     row["audio"] = audio
     return row
 
@@ -152,6 +156,40 @@ def summarise_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def clip_names(paths: Sequence[Path]) -> list[str]:
+    """A file-safe name per clip, unique even where names clean up alike (``a b.wav``,
+    ``a_b.wav`` and ``a_b.flac`` become ``a_b``, ``a_b-2``, ``a_b-3``), also on file systems
+    that ignore case."""
+    names: list[str] = []
+    taken: set[str] = set()
+    for path in paths:
+        base = _safe(path.stem)
+        name, n = base, 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{base}-{n}"
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
+def read_clips(
+    paths: Sequence[Path], rate: int
+) -> tuple[list[tuple[str, np.ndarray]], dict[str, str], list[dict[str, str]]]:
+    """The clips that can be read, as ``(name, wave at rate)``; each name's file; and the files
+    that cannot be read, each with its reason (one bad file does not sink a bench)."""
+    clips, files, unread = [], {}, []
+    for path, name in zip(paths, clip_names(paths), strict=True):
+        try:
+            clips.append((name, read_audio(path, rate)[0]))
+            files[name] = path.name
+        except VqkitError as e:
+            unread.append({"file": path.name, "reason": str(e)})
+    if not clips:
+        raise VqkitError(f"no clip could be read: {unread[0]['reason']}")
+    return clips, files, unread
 
 
 def _codebook_stats(codes: list[np.ndarray], codec: Any) -> dict[str, Any] | None:
@@ -231,7 +269,7 @@ def _bench(
     paths = list_clips(audio_dir)
     codec = load_codec(model)
     rate = int(codec.sample_rate)
-    clips = [(_safe(p.stem), read_audio(p, rate)[0]) for p in paths]
+    clips, files, unread = read_clips(paths, rate)
     for name, wave in clips:
         write_audio(out / "audio" / f"{name}--original.wav", wave, rate)
     # A requested bitrate means the most stages that fit in it (an error when none does).
@@ -254,6 +292,8 @@ def _bench(
         "model": _model_info(codec, model),
         "tools": {t: shutil.which(t) for t in ("c2enc", "c2dec", "opusenc", "opusdec")},
         "skipped": skipped,
+        "unread": unread,
+        "files": files,
         "delays": delays,
         "machine": _machine(),
         "clips": rows,

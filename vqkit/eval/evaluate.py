@@ -18,11 +18,12 @@ from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.config import config_to_dict
 from vqkit.data.cache import FeatureCache
 from vqkit.data.dataset import SegmentDataset
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 from vqkit.eval.plots import draw_examples
 from vqkit.files import check_output, write_json
 from vqkit.nn.model import Autoencoder
 from vqkit.run import RunFolder, resolve_model
+from vqkit.train.distributed import pick_device
 from vqkit.train.log import plot_losses, read_metrics
 from vqkit.train.validate import eval_frames, evaluate
 
@@ -44,6 +45,7 @@ def evaluate_run(
     ``out/grid.png`` (images: ``n_grid`` originals over their reconstructions) or
     ``out/spectrograms.png`` (audio). Returns what ``metrics.json`` holds.
     """
+    device = str(pick_device(device, setting="device"))  # before a bad name can blame the model
     check_output(out, run, data)
     path = resolve_model(run)
     checkpoint = load_checkpoint(path, map_location=device)
@@ -89,7 +91,8 @@ def check_compatible(checkpoint: Checkpoint, cache: FeatureCache, path: Path) ->
     image = checkpoint.config.features.kind == "image"
     sections = ("features",) if image else ("audio", "features")
     differ = [
-        f"{section}.{key} {trained[section][key]!r} (model) vs {held[section][key]!r} (data)"
+        f"{section}.{key} {shown(repr(trained[section][key]))} (model) vs "
+        f"{shown(repr(held[section][key]))} (data)"
         for section in sections
         for key in trained[section]
         if trained[section][key] != held[section][key]

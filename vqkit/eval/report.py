@@ -16,6 +16,7 @@ import torch
 
 from vqkit.audio.io import read_audio
 from vqkit.audio.stft import stft
+from vqkit.errors import VqkitError
 from vqkit.files import atomic_path, atomic_write_bytes, new_figure, save_figure
 from vqkit.run import RunFolder
 
@@ -201,16 +202,21 @@ def _players(clip: str, rows: list[dict[str, Any]]) -> str:
 
 
 def _clip_section(out: Path, clip: str, results: dict[str, Any]) -> str:
+    """One clip's players and spectrograms; a plot that fails is recorded in
+    ``results["report_errors"]`` and named on the page, and the report goes on."""
     rate = results["sample_rate"]
     rows = [r for r in results["clips"] if r["clip"] == clip]
-    waves = [("original", read_audio(out / "audio" / f"{clip}--original.wav", rate)[0])]
-    waves += [(r["system"], read_audio(out / r["audio"], rate)[0]) for r in rows if r["audio"]]
     image = f"plots/spectrogram--{clip}.png"
-    plot_spectrograms(waves, rate, out / image)
-    return (
-        f'<h3>{html.escape(clip)}</h3><div class="clip">{_players(clip, rows)}'
-        f'<img src="{html.escape(image)}" alt="spectrograms of {html.escape(clip)}"></div>'
-    )
+    try:
+        waves = [("original", read_audio(out / "audio" / f"{clip}--original.wav", rate)[0])]
+        waves += [(r["system"], read_audio(out / r["audio"], rate)[0]) for r in rows if r["audio"]]
+        plot_spectrograms(waves, rate, out / image)
+        picture = f'<img src="{html.escape(image)}" alt="spectrograms of {html.escape(clip)}">'
+    except (ValueError, RuntimeError, VqkitError) as e:
+        reason = str(e) or type(e).__name__
+        results.setdefault("report_errors", []).append({"clip": clip, "reason": reason})
+        picture = f'<p class="note">No spectrograms: {html.escape(reason)}</p>'
+    return f'<h3>{html.escape(clip)}</h3><div class="clip">{_players(clip, rows)}{picture}</div>'
 
 
 def _notes(results: dict[str, Any]) -> str:
@@ -219,6 +225,11 @@ def _notes(results: dict[str, Any]) -> str:
         parts.append(
             f'<p class="note">Skipped {html.escape(skip["system"])}: '
             f"{html.escape(skip['reason'])}</p>"
+        )
+    for unread in results.get("unread", []):
+        parts.append(
+            f'<p class="note">Not scored, {html.escape(unread["file"])}: '
+            f"{html.escape(unread['reason'])}</p>"
         )
     if results.get("delays"):
         lags = ", ".join(f"{k} {v}" for k, v in results["delays"].items())

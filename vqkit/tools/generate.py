@@ -71,7 +71,9 @@ def generate(
     seed: int = 0,
     iters: int | None = None,
 ) -> Generated:
-    """Write ``n`` samples and/or ``n`` interpolation steps of ``model`` to the folder ``out``.
+    """Write ``n`` samples of ``model`` (VQ and VAE models) to the folder ``out``, and ``n``
+    interpolation steps between two clips when ``data`` or ``sources`` gives them (an AE, which
+    has no prior to sample, only interpolates).
 
     ``data`` is the feature cache the model was trained on: its training split gives a discrete
     model's code frequencies, and its test split the two clips to interpolate between unless
@@ -103,7 +105,8 @@ def generate(
         if x_db is not None:
             result.samples = _write_waves(spec, x_db, result.out, "sample", iters)
             panels += list(zip(result.samples, x_db, strict=True))
-        if not spec.model.bottleneck.discrete:
+        clips_given = cache is not None or sources is not None
+        if result.kind == "ae" or (result.kind == "vae" and clips_given):
             x_db = interpolate(spec, _clips(spec, cache, sources), n)
             result.interpolations = _write_waves(spec, x_db, result.out, "interp", iters)
             panels += list(zip(result.interpolations, x_db, strict=True))

@@ -23,7 +23,7 @@ from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.config import Config
 from vqkit.data.cache import MANIFEST, FeatureCache, read_manifest
 from vqkit.data.dataset import item_side_info
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 from vqkit.nn.model import Autoencoder
 from vqkit.nn.normalise import Normaliser
 from vqkit.run import resolve_model
@@ -123,10 +123,12 @@ def find_row(rows: list[dict], key: str, root: Path) -> dict:
     """The row whose 0-based index or ``path`` is ``key``."""
     if key.isdigit():
         if int(key) >= len(rows):
-            raise VqkitError(f"{root} has {len(rows)} rows; row {key} does not exist")
+            raise VqkitError(f"{root} has {len(rows)} rows; row {shown(key)} does not exist")
         return rows[int(key)]
     for row in rows:
         if row["path"] == key:
             return row
-    examples = ", ".join(row["path"] for row in rows[:3])
-    raise VqkitError(f"{root} has no row with path '{key}' (e.g. {examples}; or give an index)")
+    examples = ", ".join(shown(row["path"]) for row in rows[:3])
+    raise VqkitError(
+        f"{root} has no row with path '{shown(key)}' (e.g. {examples}; or give an index)"
+    )

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from vqkit.config import Device, choices
-from vqkit.errors import VqkitError
+from vqkit.errors import VqkitError, shown
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -51,14 +51,22 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """Resolve ``train.device`` ("auto", "cpu" or "cuda") for the process on ``local_rank``."""
-    if name not in choices(Device):
-        raise VqkitError(f"train.device must be one of {', '.join(choices(Device))}, got '{name}'")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VqkitError("train.device is 'cuda' but no CUDA device is available")
-    if name == "cpu" or not torch.cuda.is_available():
+def pick_device(name: str, local_rank: int = 0, setting: str = "train.device") -> torch.device:
+    """Resolve a device setting (named ``setting`` in errors): "auto" (CUDA when there is one),
+    "cpu", "cuda" (the GPU of the process on ``local_rank``) or "cuda:N"."""
+    kind, colon, index = name.partition(":")
+    if kind not in choices(Device) or colon and (kind != "cuda" or not index.isdigit()):
+        allowed = ", ".join(choices(Device))
+        raise VqkitError(f"{setting} must be one of {allowed} or cuda:N, got '{shown(name)}'")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise VqkitError(f"{setting} is '{name}' but no CUDA device is available")
+    if kind == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
+    if colon:
+        if int(index) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise VqkitError(f"{setting} is '{name}' but this machine has {count} CUDA devices")
+        return torch.device("cuda", int(index))
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 

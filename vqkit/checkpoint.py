@@ -141,9 +141,18 @@ def checkpoint_normaliser(checkpoint: Checkpoint, n_bins: int | None = None) -> 
         raise VqkitError(f"the checkpoint's normaliser is damaged: {e}") from None
 
 
+# Config keys added after models shipped, left out of the id at their defaults: adding a key must
+# not change every existing model's id (its code files would no longer decode).
+LATER_KEYS = {("model", "encoder_lookahead"): -1, ("model", "decoder_lookahead"): -1}
+
+
 def model_id(weights: dict[str, Tensor], config: Config) -> str:
     """A short content hash of the weights and the config: 16 hex digits of sha256."""
-    digest = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode())
+    values = config_to_dict(config)
+    for (section, key), default in LATER_KEYS.items():
+        if values[section].get(key) == default:
+            del values[section][key]
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
     for name in sorted(weights):
         tensor = weights[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

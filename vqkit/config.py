@@ -72,6 +72,11 @@ class ModelConfig:
     kernels: tuple[int, ...] = (3, 3)  # convlist
     strides: tuple[int, ...] = (2, 2)  # convlist
     dense_dim: int = 0  # convlist: > 0 adds a dense bottleneck of this size
+    # conv1d, for real-time coding: how far the encoder looks past a code frame's last feature
+    # frame, and the decoder past a code frame, in those frames; >= 0 makes every conv causal
+    # (padded on the left) and shifts the input by that much; -1: centred convs, no limit
+    encoder_lookahead: int = -1
+    decoder_lookahead: int = -1
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ from vqkit.audio.normalise import Normaliser
 from vqkit.audio.synthesis import make_synthesiser, postfilter
 from vqkit.checkpoint import Checkpoint, checkpoint_normaliser, load_checkpoint
 from vqkit.codec.codefile import EncodedAudio, bits_per_code
+from vqkit.codec.packets import StreamHeader
+from vqkit.codec.realtime import Lookahead, StreamDecoder, StreamEncoder
 from vqkit.codec.side import pitch_codes, pitch_from_codes, side_codebooks
 from vqkit.codec.stream import synthesise_chunked
 from vqkit.config import Config
@@ -218,14 +220,7 @@ class Codec:
             buffer, offset = buffer[begin - offset :], begin
             wave = torch.from_numpy(buffer[: needed - begin])[None]
             frames = slice(first - begin // hop, last - begin // hop)
-            if self.parametric:
-                features, f0, voiced = self.frontend.analyse(wave)
-            else:
-                features = self.frontend(wave)
-            x = self.normaliser.normalise(features[..., frames])
-            codes = self.model.encode(x, n_stages)[0]  # (Q, L)
-            if self.parametric:  # the pitch and voicing rows go first
-                codes = torch.cat([pitch_codes(f0[:, frames], voiced[:, frames], d)[0], codes])
+            codes = self.encode_window(wave, frames, n_stages)
             chunks.append(codes[:, start - first // d : stop - first // d].numpy())
             start = stop
         return np.concatenate(chunks, axis=1), total
@@ -233,19 +228,69 @@ class Codec:
     def _decode_features(self, codes: Tensor, n_frames: int) -> Iterator[Tensor]:
         """Features in dB ``(F, N_i)`` of codes ``(Q, N')``, chunk by chunk, ``n_frames`` in all."""
         d, margin, n_codes = self.downsample, self.margins[1], codes.shape[1]
-        side, codes = codes[: len(self.side)], codes[len(self.side) :]
         for start in range(0, n_codes, self.chunk_codes):
             stop = min(start + self.chunk_codes, n_codes)
             first, last = max(0, start - margin), min(n_codes, stop + margin)
             with torch.inference_mode():
-                x_hat = self.model.decode(codes[None, :, first:last])
-                no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
-                x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
-                x_hat = postfilter(x_hat, self.config.codec.postfilter)
-                if self.parametric:  # F0 and voicing become the last two rows
-                    f0, voiced = pitch_from_codes(side[None, :, first:last], d, x_hat.shape[-1])
-                    x_hat = torch.cat([x_hat, f0, voiced])
+                x_hat = self.decode_window(codes[:, first:last])
             yield x_hat[:, (start - first) * d : min(stop * d, n_frames) - first * d]
+
+    def encode_window(self, wave: Tensor, frames: slice, n_stages: int) -> Tensor:
+        """Codes ``(Q, L)`` of the feature frames ``frames`` (from a code frame's first) of a
+        model-rate window ``(1, T)``: a parametric model's pitch and voicing rows first."""
+        if self.parametric:
+            features, f0, voiced = self.frontend.analyse(wave)
+        else:
+            features = self.frontend(wave)
+        x = self.normaliser.normalise(features[..., frames])
+        codes = self.model.encode(x, n_stages)[0]  # (Q, L)
+        if self.parametric:  # the pitch and voicing rows go first
+            side = pitch_codes(f0[:, frames], voiced[:, frames], self.downsample)[0]
+            codes = torch.cat([side, codes])
+        return codes
+
+    def decode_window(self, codes: Tensor) -> Tensor:
+        """Features in dB ``(F, L * downsample)`` of consecutive code frames ``(Q, L)``; a
+        parametric model's F0 and voicing are the last two rows."""
+        side, codes = codes[: len(self.side)], codes[len(self.side) :]
+        x_hat = self.model.decode(codes[None])
+        no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
+        x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
+        x_hat = postfilter(x_hat, self.config.codec.postfilter)
+        if self.parametric:  # F0 and voicing become the last two rows
+            f0, voiced = pitch_from_codes(side[None], self.downsample, x_hat.shape[-1])
+            x_hat = torch.cat([x_hat, f0, voiced])
+        return x_hat
+
+    @functools.cached_property
+    def lookahead(self) -> Lookahead:
+        """What real-time coding waits for at each stage, measured from the model."""
+        return Lookahead(self)
+
+    @property
+    def latency_ms(self) -> float:
+        """The algorithmic delay of real-time coding: a packet, the analysis and the networks'
+        lookahead, and the synthesis window (:meth:`Lookahead.latency_samples`)."""
+        return 1000 * self.lookahead.latency_samples() / self.sample_rate
+
+    def stream_encoder(
+        self, bitrate: float | None = None, sample_rate: int | None = None, gain_db: int = 0
+    ) -> StreamEncoder:
+        """A real-time encoder of mono PCM at ``sample_rate`` (the model's by default):
+        ``push(pcm)`` and ``flush()`` return packets; ``header`` is the stream's header."""
+        rate = self.sample_rate if sample_rate is None else sample_rate
+        check_rate(rate)
+        return StreamEncoder(self, self.n_stages(bitrate), rate, gain_db)
+
+    def stream_decoder(
+        self, header: bytes | StreamHeader | None = None, sample_rate: int | None = None
+    ) -> StreamDecoder:
+        """A real-time decoder: ``push(packet)`` (``None``: lost) and ``flush()`` return audio
+        at ``sample_rate`` (by default the stream's). Without a header the stage count comes
+        from the first packet's size and the audio is at the model's rate."""
+        if isinstance(header, (bytes, bytearray)):
+            header = StreamHeader.from_bytes(bytes(header))
+        return StreamDecoder(self, header, sample_rate)
 
     def _check_encoded(self, encoded: EncodedAudio) -> None:
         if encoded.model_id != self.model_id:

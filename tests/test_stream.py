@@ -250,3 +250,10 @@ def test_stream_from_another_model_is_refused(codec, default) -> None:
     header = default.stream_encoder(1.2).header
     with pytest.raises(VqkitError, match="another|not this model"):
         codec.stream_decoder(header.to_bytes())
+
+
+def test_a_stream_lost_from_the_start_without_header(codec) -> None:
+    decoder = codec.stream_decoder()
+    out = [decoder.push(None) for _ in range(12)]
+    out = np.concatenate([*out, decoder.flush()])
+    assert len(out) == 12 * 4 * 80 - 1 and not out.any()

@@ -49,6 +49,7 @@ class Codec(Protocol):
     hop_length: int
     downsample: int
     n_codebooks: int
+    parametric: bool
     side: tuple[int, ...]
     config: Config
     frontend: nn.Module
@@ -240,7 +241,7 @@ class StreamDecoder:
         self.synthesiser = WindowSynthesiser(
             make_synthesiser(codec.config.codec, codec.frontend), codec.downsample
         )
-        self.concealer = Concealer(codec.downsample)
+        self.concealer = Concealer(codec.downsample, codec.parametric)
         self.codes: list[np.ndarray] = []  # code frames not yet decoded for good, and context
         self.lost: list[bool] = []
         self.offset = 0  # code frame index of codes[0]
@@ -258,13 +259,9 @@ class StreamDecoder:
             raise VqkitError("the stream decoder was flushed; make a new one")
         if packet is not None and self.header is None:
             self.header = _header_for(self.codec, len(packet))
-        if packet is None:
-            previous = self.codes[-1] if self.codes else None
-            self.codes.append(previous)
-            self.lost.append(True)
-        else:
-            self.codes.append(unpack_packet(packet, self.header.codebook_sizes))
-            self.lost.append(False)
+        codes = None if packet is None else unpack_packet(packet, self.header.codebook_sizes)
+        self.codes.append(codes)  # None until _decode stands the last codes in for it
+        self.lost.append(packet is None)
         stop = self.n_packets - self.lookahead.decoder_ahead
         return self._out(self._decode(stop, final=False))
 
@@ -274,9 +271,11 @@ class StreamDecoder:
             return np.zeros(0, dtype=np.float32)
         self.finished = True
         d, hop = self.codec.downsample, self.codec.hop_length
-        wave = self._decode(self.n_packets, final=True)
         n_frames, length = self.n_packets * d, self.n_packets * d * hop - 1
         header = self.header
+        if header is None:  # every packet was lost: silence
+            return self._out(np.zeros(max(0, length - self.synthesiser.start), np.float32), True)
+        wave = self._decode(self.n_packets, final=True)
         if header is not None and header.n_frames:  # a converted .vqc knows its length
             n_frames = min(n_frames, header.n_frames)
             model_length = round(header.length * header.sample_rate / header.orig_sample_rate)
@@ -292,13 +291,16 @@ class StreamDecoder:
     def _decode(self, stop: int, final: bool) -> np.ndarray:
         """Decode code frames ``[next_code, stop)`` and synthesise what they complete."""
         start = self.next_code
-        if stop <= start:
+        if stop <= start or self.header is None:  # (no layout yet: only losses so far)
             return np.zeros(0, dtype=np.float32)
         la, d = self.lookahead, self.codec.downsample
-        if self.codes[0] is None:  # lost before anything arrived: any codes, all concealed
-            zero = np.zeros(len(self.header.codebook_sizes), dtype=np.uint16)
-            self.codes = [zero if c is None else c for c in self.codes]
-        self.codes = [c if c is not None else self.codes[i - 1] for i, c in enumerate(self.codes)]
+        # A lost packet's codes are its predecessor's (zeros at the start): the decoder network
+        # needs some context; the concealer replaces the lost frames themselves.
+        for i, codes in enumerate(self.codes):
+            if codes is None:
+                previous = self.codes[i - 1] if i else None
+                zero = np.zeros(len(self.header.codebook_sizes), dtype=np.uint16)
+                self.codes[i] = zero if previous is None else previous
         first = max(self.offset, start - la.decoder_back)
         codes = np.stack(self.codes[first - self.offset :], 1).astype(np.int64)
         with torch.inference_mode():
@@ -310,11 +312,7 @@ class StreamDecoder:
         keep = max(self.offset, stop - la.decoder_back)
         self.codes, self.lost = self.codes[keep - self.offset :], self.lost[keep - self.offset :]
         self.offset = keep
-        return (
-            self.synthesiser.push(features)
-            if not final
-            else self.synthesiser.push(features, hold=True)
-        )
+        return self.synthesiser.push(features, hold=final)
 
     def _out(self, wave: np.ndarray, last: bool = False) -> np.ndarray:
         """Model-rate samples to the output: the encoder's gain undone, resampled."""

@@ -8,7 +8,7 @@ the bitrate; the harmonic-plus-noise synthesiser makes the waveform.
 
 Encoding streams: audio is read in blocks, resampled to the model's rate by a streaming soxr
 resampler, and the encoder runs on chunks of ``codec.chunk_seconds`` with margins of context that
-cover its receptive field (measured once from the model's gradients) and are then discarded, so
+cover its receptive field (:func:`vqkit.codec.realtime.reach_sides`) and are then discarded, so
 the codes equal those of encoding the whole file at once. Decoding runs the decoder on chunks in
 the same way and synthesises the waveform window by window with a crossfade
 (:func:`vqkit.codec.stream.synthesise_chunked`). Memory is bounded by the chunk size, not the
@@ -53,8 +53,6 @@ from vqkit.errors import VqkitError
 from vqkit.files import atomic_write_bytes
 from vqkit.run import resolve_model
 
-PROBE_FRAMES = 256  # first input length for measuring a network's receptive field
-MAX_PROBE_FRAMES = 16384
 MAX_LEVEL_GAIN_DB = 60  # the level normalisation never scales by more than this
 
 
@@ -110,10 +108,9 @@ class Codec:
     @functools.cached_property
     def margins(self) -> tuple[int, int]:
         """Context in code frames that the encoder and the decoder need on each side of a chunk."""
-        d = self.downsample
-        reach = _reach(self.model.encoder, self.frontend.n_bins, d, downsampling=True)
-        latent_dim = self.model.bottleneck.latent_dim
-        return math.ceil(reach / d) + 1, _reach(self.model.decoder, latent_dim, d, False) + 1
+        d, la = self.downsample, self.lookahead
+        reach = max(la.encoder_back, la.encoder_ahead)  # feature frames
+        return math.ceil(reach / d) + 1, max(la.decoder_back, la.decoder_ahead) + 1
 
     def encode(
         self, wave: np.ndarray, sample_rate: int, bitrate: float | None = None
@@ -390,34 +387,3 @@ def _normaliser(checkpoint: Checkpoint, n_bins: int) -> Normaliser:
             "(per-utterance min-max values are side information it does not carry)"
         )
     return checkpoint_normaliser(checkpoint, n_bins)
-
-
-def _reach(net: nn.Module, channels: int, factor: int, downsampling: bool) -> int:
-    """How far (in input frames) an output frame of a 1-D conv net looks either side: measured
-    from input gradients of random inputs, the probe doubled until the reach fits inside it.
-
-    Downsampling nets (encoders) map ``factor`` input frames to one output frame; upsampling nets
-    (decoders) one input frame to ``factor`` output frames.
-    """
-    length, generator = PROBE_FRAMES, torch.Generator().manual_seed(0)
-    while True:  # gradients work inside a caller's inference_mode too
-        middle = length // 2 // factor * factor  # an input frame on the output grid
-        out = (
-            slice(middle // factor, middle // factor + 1)
-            if downsampling
-            else slice(middle * factor, (middle + 1) * factor)
-        )
-        touched = torch.zeros(length, dtype=torch.bool)
-        for _ in range(2):  # a second random point guards against units that happen to be off
-            with torch.inference_mode(False), torch.enable_grad():
-                x = torch.randn(1, channels, length, generator=generator, requires_grad=True)
-                y = net(x)[..., out]
-                (grad,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
-            touched |= grad[0].abs().sum(0) > 0
-        index = torch.nonzero(touched)[:, 0]
-        if index.numel() == 0:  # the output ignores its input (all-zero weights, say)
-            return 0
-        low, high = int(index.min()), int(index.max())
-        if (low > 0 and high < length - 1) or length >= MAX_PROBE_FRAMES:
-            return max(middle - low, high - middle)
-        length *= 2

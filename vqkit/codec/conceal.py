@@ -1,12 +1,16 @@
 """Packet-loss concealment for the parametric codec, in the decoded parameters.
 
-A lost packet's frames are made from the last frames that arrived: the pitch held, the envelope
-held through the first lost packet, then over :data:`FADE_PACKETS` more packets the voicing fades
-to none and the envelope glides (in dB, so the level falls smoothly) to the background, an
-estimate of the noise floor kept from the frames that arrived (each band's running minimum,
-rising slowly): what is left after a long loss is comfort noise at the background's level. The
-synthesiser interpolates every parameter between frames, so neither the loss nor the recovery
-clicks. A stream lost from its start is concealed by silence (the envelope floor).
+The decoder holds back a few packets for its network's lookahead, so when a lost packet's frames
+are made the packets after it have often arrived. A loss of at most :data:`BRIDGE_PACKETS`
+packets whose next packet is there is bridged: envelope (in dB), log-F0 and voicing interpolated
+from the last frame before it to the first after it. Otherwise the loss is extrapolated from the
+last frames that arrived: the pitch held, the envelope and voicing held through the first lost
+packet, then over :data:`FADE_PACKETS` more packets the voicing fades to none and the envelope
+glides (in dB, so the level falls smoothly) to the background, an estimate of the noise floor
+kept from the frames that arrived (each band's running minimum, rising slowly): after a long
+loss what is left is comfort noise at the background's level. The synthesiser interpolates every
+parameter between frames, so neither the loss nor the recovery clicks. A stream lost from its
+start is concealed by silence (the envelope floor).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor
 
 from vqkit.audio.envelope import ENV_FLOOR_DB, UNVOICED_F0
 
+BRIDGE_PACKETS = 3  # losses this short are interpolated when the packet after them has arrived
 HOLD_PACKETS = 1  # lost packets whose envelope and voicing are the last ones, unchanged
 FADE_PACKETS = 3  # lost packets over which voicing and level fade to the comfort noise
 BACKGROUND_RISE_DB = 0.05  # per frame: how fast the background estimate follows a rising floor
@@ -35,20 +40,22 @@ class Concealer:
         self.background: Tensor | None = None  # per band, dB
         self.n_lost = 0  # frames concealed since the last one that arrived
 
-    def __call__(self, features: Tensor, lost: list[bool]) -> Tensor:
-        """Features ``(F, len(lost) * downsample)`` of consecutive packets with the lost
-        packets' frames replaced."""
+    def __call__(self, window: Tensor, lost: list[bool], start: int, stop: int) -> Tensor:
+        """The frames of packets ``[start, stop)`` of a decoded window ``(F, len(lost) * d)``
+        (``lost`` flags each of its packets), lost packets' frames replaced."""
         d = self.downsample
-        if not any(lost):
-            self._observe(features)
-            return features
-        out = features.clone()
-        for i, gone in enumerate(lost):
-            frames = slice(i * d, (i + 1) * d)
-            if gone:
-                out[:, frames] = self._conceal(d, features.shape[0])
+        out = window[:, start * d : stop * d].clone()
+        for i in range(start, stop):
+            frames = slice((i - start) * d, (i - start + 1) * d)
+            if not lost[i]:
+                self._observe(window[:, i * d : (i + 1) * d])
+                continue
+            after = next((k for k in range(i, len(lost)) if not lost[k]), None)
+            run = None if after is None else after - i + self.n_lost // d  # packets in the loss
+            if run is not None and run <= BRIDGE_PACKETS and self.last is not None:
+                out[:, frames] = self._bridge(window[:, after * d], run * d)
             else:
-                self._observe(features[:, frames])
+                out[:, frames] = self._extrapolate(d, window.shape[0])
         return out
 
     def _observe(self, frames: Tensor) -> None:
@@ -59,7 +66,19 @@ class Concealer:
             self.background = torch.minimum(self.background + BACKGROUND_RISE_DB, envelope[:, n])
         self.last, self.n_lost = frames[:, -1].clone(), 0
 
-    def _conceal(self, n: int, rows: int) -> Tensor:
+    def _bridge(self, following: Tensor, gap: int) -> Tensor:
+        """The next ``downsample`` frames of a ``gap``-frame loss between :attr:`last` and the
+        frame ``following`` it ``(F,)``: linear in dB, log-F0 and voicing."""
+        d = self.downsample
+        w = ((self.n_lost + torch.arange(1, d + 1)) / (gap + 1))[None]  # (1, d)
+        self.n_lost += d
+        last, following = self.last[:, None], following[:, None]
+        out = last + w * (following - last)
+        if self.parametric:
+            out[-2] = torch.exp(torch.log(last[-2]) + w[0] * torch.log(following[-2] / last[-2]))
+        return out
+
+    def _extrapolate(self, n: int, rows: int) -> Tensor:
         if self.last is None:  # nothing arrived yet: silence
             out = torch.full((rows, n), ENV_FLOOR_DB)
             if self.parametric:

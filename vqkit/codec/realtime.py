@@ -73,11 +73,13 @@ def reach_sides(net: nn.Module, channels: int, factor: int, downsampling: bool) 
     input frames to one output frame and the reach counts from the first of them; upsampling
     nets (decoders) map one input frame to ``factor`` output frames.
     """
-    probe = copy.deepcopy(net).eval()
-    with torch.no_grad():
-        for tensor in [*probe.parameters(), *probe.buffers()]:
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.abs() + 1e-3)
+    with torch.inference_mode(False), torch.no_grad():  # a caller's inference mode aside
+        probe = copy.deepcopy(net).eval()
+        for module in probe.modules():
+            for store in (module._parameters, module._buffers):
+                for name, tensor in store.items():
+                    if tensor is not None and tensor.is_floating_point():
+                        store[name] = type(tensor)(tensor.abs().double() + 1e-3)
     length = PROBE_FRAMES
     while True:  # gradients work inside a caller's inference_mode too
         middle = length // 2 // factor * factor  # an input frame on the output grid
@@ -88,8 +90,10 @@ def reach_sides(net: nn.Module, channels: int, factor: int, downsampling: bool) 
         )
         with torch.inference_mode(False), torch.enable_grad():
             x = torch.ones(1, channels, length, dtype=torch.float64, requires_grad=True)
-            (grad,) = torch.autograd.grad(probe.double()(x)[..., out].sum(), x)
+            (grad,) = torch.autograd.grad(probe(x)[..., out].sum(), x)
         index = torch.nonzero(grad[0].abs().sum(0) > 0)[:, 0]
+        if index.numel() == 0:  # the output ignores its input altogether
+            return 0, 0
         low, high = int(index.min()), int(index.max())
         if (low > 0 and high < length - 1) or length >= MAX_PROBE_FRAMES:
             return middle - low, high - middle
@@ -293,7 +297,7 @@ class StreamDecoder:
         start = self.next_code
         if stop <= start or self.header is None:  # (no layout yet: only losses so far)
             return np.zeros(0, dtype=np.float32)
-        la, d = self.lookahead, self.codec.downsample
+        la = self.lookahead
         # A lost packet's codes are its predecessor's (zeros at the start): the decoder network
         # needs some context; the concealer replaces the lost frames themselves.
         for i, codes in enumerate(self.codes):
@@ -304,10 +308,9 @@ class StreamDecoder:
         first = max(self.offset, start - la.decoder_back)
         codes = np.stack(self.codes[first - self.offset :], 1).astype(np.int64)
         with torch.inference_mode():
-            features = self.codec.decode_window(torch.from_numpy(codes))  # (F, L * d)
-        features = features[:, (start - first) * d : (stop - first) * d]
-        lost = self.lost[start - self.offset : stop - self.offset]
-        features = self.concealer(features, lost)
+            window = self.codec.decode_window(torch.from_numpy(codes))  # (F, L * d)
+            lost = self.lost[first - self.offset :]
+            features = self.concealer(window, lost, start - first, stop - first)
         self.next_code = stop
         keep = max(self.offset, stop - la.decoder_back)
         self.codes, self.lost = self.codes[keep - self.offset :], self.lost[keep - self.offset :]

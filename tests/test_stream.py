@@ -159,6 +159,9 @@ def test_limited_lookahead_model_is_causal_and_faster(tmp_path: Path, speech) ->
     with torch.no_grad():
         same = model.encoder(x)[..., :9] == model.encoder(later)[..., :9]  # frames < 36 + 2
     assert same.all()
+    out = model.train()(x)  # it trains: gradients reach the first layer through causal convs
+    (out.x_hat.square().mean() + out.bottleneck.loss).backward()
+    assert model.encoder.net[0].weight.grad.abs().sum() > 0
     path = save_parametric(
         tmp_path / "causal.safetensors",
         speech,
@@ -257,3 +260,21 @@ def test_a_stream_lost_from_the_start_without_header(codec) -> None:
     out = [decoder.push(None) for _ in range(12)]
     out = np.concatenate([*out, decoder.flush()])
     assert len(out) == 12 * 4 * 80 - 1 and not out.any()
+
+
+def test_concealer_bridges_a_short_loss_and_fades_a_long_one() -> None:
+    from vqkit.codec.conceal import Concealer
+
+    d, n = 4, 12  # 12 packets of 4 frames: 3 envelope rows, F0, voicing
+    window = torch.zeros(5, n * d)
+    window[:3] = torch.linspace(-40, -20, n * d)  # a rising level
+    window[3], window[4] = 200.0, 1.0
+    lost = [False] * n
+    lost[3] = True  # one packet: bridged from the frame before to the frame after
+    out = Concealer(d)(window, lost, 0, 8)
+    torch.testing.assert_close(out[:, 12:16], window[:, 12:16])  # a straight line stays one
+    lost = [False] * 3 + [True] * 9  # the rest lost, no packet after: held, then faded
+    out = Concealer(d)(window, lost, 0, n)
+    torch.testing.assert_close(out[:3, 12:16], window[:3, 11:12].expand(3, 4))  # held
+    assert out[4, -1] == 0 and out[4, 12] == 1  # voicing faded out
+    assert (out[:3, -1] <= window[:3, 11]).all()  # towards the background, never louder

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from vqkit.audio.envelope import ENV_FLOOR_DB, UNVOICED_F0
 
-BRIDGE_PACKETS = 3  # losses this short are interpolated when the packet after them has arrived
+BRIDGE_PACKETS = 5  # losses this short are bridged when the packet after them has arrived
 HOLD_PACKETS = 1  # lost packets whose envelope and voicing are the last ones, unchanged
 FADE_PACKETS = 3  # lost packets over which voicing and level fade to the comfort noise
 BACKGROUND_RISE_DB = 0.05  # per frame: how fast the background estimate follows a rising floor

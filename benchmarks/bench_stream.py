@@ -4,10 +4,10 @@ Two measurements on one thread:
 
 - in process (the Python API): 20 ms blocks are pushed at wall-clock pace into
   ``codec.stream_encoder``, every packet straight into ``codec.stream_decoder``; reports the
-  processing time per packet (encoder and decoder work it causes; median, 99th percentile, max)
-  against the packet's duration, and the end-to-end delay of each output block (from the wall
-  time its first input sample was pushed to the time it came out: algorithmic delay plus
-  processing);
+  processing time per packet (encoder and decoder work it causes, CPU time and wall time;
+  median, 99th percentile, max) against the packet's duration, and the end-to-end delay of
+  each output block (from the wall time its first input sample was pushed to the time it came
+  out: algorithmic delay plus processing);
 - through pipes (the command line): a feeder writes raw PCM at real-time pace into
   ``vqkit encode - - | vqkit decode - -`` and timestamps the PCM coming out; reports the delay of
   the output stream behind the input once it flows (the processes' start-up excluded).
@@ -48,13 +48,13 @@ def speech(seconds: float) -> np.ndarray:
 def in_process(codec, wave: np.ndarray, bitrate: float) -> dict[str, float]:
     encoder = codec.stream_encoder(bitrate)
     decoder = codec.stream_decoder(encoder.header.to_bytes())
-    work, delays, arrived, emitted = [], [], [], 0
+    work, cpu, delays, arrived, emitted = [], [], [], [], 0
     start = time.perf_counter()
     for i in range(0, len(wave), BLOCK):
         due = start + i / RATE
         time.sleep(max(0.0, due - time.perf_counter()))
         arrived.append(time.perf_counter())  # block i // BLOCK is here
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         packets = encoder.push(wave[i : i + BLOCK])
         for packet in packets:
             out = decoder.push(packet)
@@ -64,10 +64,13 @@ def in_process(codec, wave: np.ndarray, bitrate: float) -> dict[str, float]:
                 emitted += len(out)
         if packets:
             work.append((time.perf_counter() - t0) / len(packets))
+            cpu.append((time.process_time() - c0) / len(packets))
     packet_s = encoder.header.frame_samples / RATE
-    work_ms = 1000 * np.array(work)
+    work_ms, cpu_ms = 1000 * np.array(work), 1000 * np.array(cpu)
     return {
         "packet_ms": 1000 * packet_s,
+        "cpu_median_ms": float(np.median(cpu_ms)),
+        "cpu_p99_ms": float(np.percentile(cpu_ms, 99)),
         "work_median_ms": float(np.median(work_ms)),
         "work_p99_ms": float(np.percentile(work_ms, 99)),
         "work_max_ms": float(work_ms.max()),
@@ -136,7 +139,11 @@ def main() -> None:
     torch.set_num_threads(1)
     wave = speech(args.seconds)
     codec = load_codec(args.model)
+    load = os.getloadavg()[0]
     print(f"{args.seconds:g} s of the bundled sample at {args.bitrate:g} kbit/s, one thread")
+    print(
+        f"load average {load:.1f} on {os.cpu_count()} cores (other processes slow the wall clock)"
+    )
     print("in process:", {k: round(v, 1) for k, v in in_process(codec, wave, args.bitrate).items()})
     print(
         "pipes:", {k: round(v, 1) for k, v in through_pipes(args.model, wave, args.bitrate).items()}

@@ -134,3 +134,20 @@ def test_shell_pipeline(model: Path, speech, tmp_path: Path) -> None:  # noqa: F
     result = subprocess.run(["bash", "-c", cut], capture_output=True, env=dict(os.environ))
     assert result.returncode == 1 and len(result.stdout) > 0  # what came before is out
     assert result.stderr.decode().count("\n") == 1 and "vqkit: error:" in result.stderr.decode()
+
+
+def test_pcm_at_another_rate_comes_back_at_its_rate(model: Path, speech) -> None:  # noqa: F811
+    import soxr
+
+    wide = soxr.resample(speech, RATE, 2 * RATE).astype(np.float32)
+    out = io.BytesIO()
+    encode_stream(io.BytesIO(pcm(wide)), out, model, sample_rate=2 * RATE)
+    decoded, error = decode(model, out.getvalue())
+    assert error is None and abs(len(decoded) // 2 - len(wide)) <= 2 * 320 * 2
+
+
+def test_empty_input_is_an_error(model: Path) -> None:
+    with pytest.raises(VqkitError, match="no audio"):
+        encode_stream(io.BytesIO(b""), io.BytesIO(), model)
+    with pytest.raises(VqkitError, match="middle of a sample"):
+        encode_stream(io.BytesIO(b"\x01\x02\x03"), io.BytesIO(), model)

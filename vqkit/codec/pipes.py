@@ -78,6 +78,8 @@ def encode_stream(
             out.write(packet)
             count += 1
         out.flush()
+        if count == 0:
+            raise VqkitError(f"{_name(source)}: no audio samples")
     header = encoder.header
     return (
         f"{_name(sink)}: {count} packets of {header.packet_size} bytes, {n_stages} stages, "

@@ -183,8 +183,9 @@ class StreamEncoder:
         if self.finished:
             return []
         if self.resampler is not None:
-            self._append(self.resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+            tail = self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)
             self.resampler = None
+            self._append(tail)
         self.finished = True
         total = self.offset + len(self.buffer)
         if total == 0:

@@ -151,3 +151,9 @@ def test_empty_input_is_an_error(model: Path) -> None:
         encode_stream(io.BytesIO(b""), io.BytesIO(), model)
     with pytest.raises(VqkitError, match="middle of a sample"):
         encode_stream(io.BytesIO(b"\x01\x02\x03"), io.BytesIO(), model)
+
+
+def test_a_vqc_file_decodes_from_standard_input(model: Path, speech) -> None:  # noqa: F811
+    encoded = load_codec(model).encode(speech, RATE)
+    out, error = decode(model, encoded.to_bytes())
+    assert error is None and len(out) == 2 * len(speech)

@@ -278,3 +278,9 @@ def test_concealer_bridges_a_short_loss_and_fades_a_long_one() -> None:
     torch.testing.assert_close(out[:3, 12:16], window[:3, 11:12].expand(3, 4))  # held
     assert out[4, -1] == 0 and out[4, 12] == 1  # voicing faded out
     assert (out[:3, -1] <= window[:3, 11]).all()  # towards the background, never louder
+
+
+def test_lookahead_keys_need_a_1d_model() -> None:
+    config = load_config(None, ["model.kind='conv2d'", "model.encoder_lookahead=0"])
+    with pytest.raises(VqkitError, match="encoder_lookahead"):
+        build_model(config, (1, 8, 8))

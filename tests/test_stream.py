@@ -180,7 +180,7 @@ def test_lookahead_keys_keep_existing_model_ids(default) -> None:
 
 
 def test_concealment_fades_without_clicks_and_recovers(default) -> None:
-    wave = read_audio(SAMPLE[2], default.sample_rate)[0]
+    wave = read_audio(SAMPLE[2], default.sample_rate)[0][: 24 * default.sample_rate // 10]
     gain = default._gain([wave])
     _, packets, clean = stream(default, wave, 640, 1.2, gain_db=gain)
     lost = set(range(20, 30))  # 400 ms lost mid-utterance

@@ -3,17 +3,18 @@
 :class:`StreamEncoder` takes PCM blocks of any size and returns the packets they complete;
 :class:`StreamDecoder` takes packets (or ``None`` for a lost one) and returns the audio they
 complete. Both run the same networks, front end and synthesiser as whole-file coding
-(:mod:`vqkit.codec`), on windows bounded by what each stage actually looks at:
+(:mod:`vqkit.codec.codec`), on windows bounded by what each stage actually looks at:
 
 - the encoder codes frame ``j`` once the samples its features and its network reach have arrived:
-  the network's right reach (measured from its gradients, :func:`reach_sides`) in feature frames,
+  the network's right reach (measured once, :func:`reach_sides`) in feature frames,
   plus the analysis window (STFT, YIN and its median) in samples;
 - the decoder decodes frame ``j`` once the decoder network's right reach in packets has arrived;
 - the synthesiser makes one packet's frames at a time with a margin and a crossfade, carrying the
-  harmonics' phase (as :func:`vqkit.synthesis.synthesise_chunked` does for files).
+  harmonics' phase (:class:`vqkit.codec.stream.WindowSynthesiser`).
 
 So streaming gives the codes of whole-file encoding and audio that differs from file decoding
-only in the noise's windows. The delay of the chain is :func:`latency_samples`.
+only in the synthesis windows. The delay of the chain is :meth:`Lookahead.latency_samples`.
+A lost packet's frames come from :class:`vqkit.codec.conceal.Concealer`.
 """
 
 from __future__ import annotations

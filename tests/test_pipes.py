@@ -157,3 +157,15 @@ def test_a_vqc_file_decodes_from_standard_input(model: Path, speech) -> None:  #
     encoded = load_codec(model).encode(speech, RATE)
     out, error = decode(model, encoded.to_bytes())
     assert error is None and len(out) == 2 * len(speech)
+
+
+def test_streams_joined_end_to_end(model: Path, speech) -> None:  # noqa: F811
+    bitrates = load_codec(model).bitrates
+    first, second = encode(model, speech), encode(model, speech[::-1].copy())
+    alone, _ = decode(model, first)
+    joined, error = decode(model, first + second)  # cat a.vqs b.vqs: one stream, twice as long
+    assert error is None and len(joined) == 2 * len(alone) + 2
+    other = encode(model, speech, bitrate=bitrates[1])  # another bitrate follows
+    out, error = decode(model, first + other)
+    assert error is not None and "another model or bitrate" in error
+    assert len(out) == len(alone)  # the first stream, whole

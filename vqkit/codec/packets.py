@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -179,6 +180,45 @@ def read_exactly(source: BinaryIO, size: int) -> bytes:
         chunks.append(chunk)
         count += len(chunk)
     return b"".join(chunks)
+
+
+class PacketReader:
+    """The packets of a stream from a binary file object, its header already read. A header met
+    where a packet should start (streams joined end to end, as ``cat a.vqs b.vqs`` makes) is
+    recognised by its magic, version and CRC and given instead of a packet; the packet size
+    then follows it."""
+
+    def __init__(self, source: BinaryIO, header: StreamHeader) -> None:
+        self.source, self.size, self.pending = source, header.packet_size, b""
+
+    def __iter__(self) -> Iterator[bytes | StreamHeader]:
+        """Packets (the last one short if the input ends inside it) and headers, in order."""
+        while packet := self._read(self.size):
+            header = self._header(packet)
+            if header is None:
+                yield packet
+            else:
+                self.size = header.packet_size
+                yield header
+
+    def _read(self, size: int) -> bytes:
+        data, self.pending = self.pending[:size], self.pending[size:]
+        return data + read_exactly(self.source, size - len(data))
+
+    def _header(self, packet: bytes) -> StreamHeader | None:
+        """The header that starts at ``packet``, whose bytes it then consumes; else None."""
+        if packet[: len(STREAM_MAGIC)] != STREAM_MAGIC:
+            return None
+        data = packet + self._read(max(0, _PREFIX.size - len(packet)))
+        try:
+            size = header_size(data[: _PREFIX.size])
+            data += self._read(max(0, size - len(data)))
+            header = StreamHeader.from_bytes(data[:size])
+        except VqkitError:  # packet bytes that happen to start like a header
+            self.pending = data[len(packet) :] + self.pending
+            return None
+        self.pending = data[size:] + self.pending
+        return header
 
 
 def stream_to_encoded(header: StreamHeader, packets: bytes) -> EncodedAudio:

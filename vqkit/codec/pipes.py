@@ -14,6 +14,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +26,7 @@ from vqkit.codec.codec import load_codec
 from vqkit.codec.codefile import MAGIC, EncodedAudio
 from vqkit.codec.packets import (
     STREAM_MAGIC,
+    PacketReader,
     StreamHeader,
     encoded_to_stream,
     header_size,
@@ -167,15 +169,25 @@ def is_stream(path: str | os.PathLike) -> bool:
 def _decode_packets(
     src: BinaryIO, header: StreamHeader, decoder: StreamDecoder, write, conceal: bool
 ) -> str:
-    """Push every packet of ``src`` through ``decoder`` and ``write`` what comes out."""
-    size, n_good, n_concealed = header.packet_size, 0, 0
-    while packet := read_exactly(src, size):
+    """Push every packet of ``src`` through ``decoder`` and ``write`` what comes out. Streams
+    joined end to end decode as one when they fit the same decoder (model and layout)."""
+    n_good, n_concealed = 0, 0
+    for item in PacketReader(src, header):
         index = n_good + n_concealed
-        if len(packet) < size:
-            problem = f"the stream ends {len(packet)} bytes into packet {index} of {size} bytes"
+        if isinstance(item, StreamHeader):
+            if _layout(item) != _layout(header):
+                write(decoder.flush())
+                raise VqkitError(
+                    f"a stream of another model or bitrate follows packet {index}: decoded up "
+                    "to it (decode that stream on its own)"
+                )
+            decoder.header = replace(item, n_frames=0, length=0)  # its gain from now on
+            continue
+        if len(item) < header.packet_size:
+            problem = f"the stream ends {len(item)} bytes into packet {index}"
         else:
             try:
-                write(decoder.push(packet))
+                write(decoder.push(item))
                 n_good += 1
                 continue
             except VqkitError as e:
@@ -189,6 +201,15 @@ def _decode_packets(
     seconds = (n_good + n_concealed) * header.frame_samples / header.sample_rate
     concealed = f", {n_concealed} concealed" if n_concealed else ""
     return f"{n_good} packets decoded{concealed}, {seconds:.2f} s at {decoder.sample_rate} Hz"
+
+
+def _layout(header: StreamHeader) -> tuple:
+    """What must match for packets to go through the same decoder."""
+    return (header.model_id, header.sample_rate, header.orig_sample_rate) + (
+        header.hop_length,
+        header.downsample,
+        header.codebook_sizes,
+    )
 
 
 def _decode_file(data: bytes, sink: Target, model: str | os.PathLike, raw_format: str) -> str:

@@ -126,12 +126,22 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
     )
 
 
+# Config keys added after models shipped, left out of the id at their defaults: adding a key must
+# not change every existing model's id (its code files would no longer decode).
+LATER_KEYS = {("model", "encoder_lookahead"): -1, ("model", "decoder_lookahead"): -1}
+
+
 def model_id(weights: dict[str, Tensor], config: Config) -> str:
     """A short content hash of the network's weights and the config: 16 hex digits of sha256.
 
     The normaliser's statistics are left out, as they were when they travelled beside the weights,
-    so that the ids of models saved before (the shipped one among them) stay what they were."""
-    digest = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode())
+    and so are config keys of :data:`LATER_KEYS` at their defaults, so that the ids of models
+    saved before (the shipped one among them) stay what they were."""
+    values = config_to_dict(config)
+    for (section, key), default in LATER_KEYS.items():
+        if values[section].get(key) == default:
+            del values[section][key]
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
     for name in sorted(k for k in weights if not k.startswith(NORMALISER_PREFIX)):
         tensor = weights[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

@@ -77,7 +77,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipe_ends(args: argparse.Namespace) -> tuple:
+    """``args.input`` and ``args.output``, with ``-`` as standard input and output."""
+    source = sys.stdin.buffer if str(args.input) == "-" else args.input
+    return source, sys.stdout.buffer if str(args.output) == "-" else args.output
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
+    if "-" in (str(args.input), str(args.output)):  # a pipe on either side: a packet stream
+        from vqkit.codec.pipes import encode_stream
+
+        options = (args.model, args.bitrate, args.rate, args.format, args.gain)
+        info = encode_stream(*_pipe_ends(args), *options)
+        print(info, file=sys.stderr if str(args.output) == "-" else sys.stdout)
+        return 0
     from vqkit.codec.codec import encode_file
 
     info = encode_file(args.input, args.output, model=args.model, bitrate=args.bitrate)
@@ -86,10 +99,24 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    from vqkit.codec.pipes import decode_stream, is_stream
+
+    if "-" in (str(args.input), str(args.output)) or is_stream(args.input):
+        info = decode_stream(*_pipe_ends(args), args.model, args.format, args.conceal)
+        print(info, file=sys.stderr if str(args.output) == "-" else sys.stdout)
+        return 0
     from vqkit.codec.codec import decode_file
 
     info = decode_file(args.input, args.output, model=args.model, iters=args.iters)
     print(info)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from vqkit.codec.pipes import convert_codes
+
+    info = convert_codes(*_pipe_ends(args), args.model)
+    print(info, file=sys.stderr if str(args.output) == "-" else sys.stdout)
     return 0
 
 
@@ -310,17 +337,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, default=16, help="images in the grid picture (16)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cpu)")
 
-    p = verb("encode", cmd_encode, "encode audio to a .vqc code file")
-    p.add_argument("input", type=Path, help="audio file")
-    p.add_argument("output", type=Path, help="code file to write (.vqc)")
+    p = verb("encode", cmd_encode, "encode audio to a .vqc code file or a packet stream")
+    p.add_argument("input", type=Path, help="audio file, or - for raw PCM on standard input")
+    p.add_argument("output", type=Path, help="code file (.vqc), or - for a packet stream")
     p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
     p.add_argument("--bitrate", type=float, help="target kbit/s (default: the model's highest)")
+    p.add_argument("--rate", type=int, help="raw PCM input's sample rate (the model's)")
+    p.add_argument("--format", default="s16le", help="raw PCM: s16le (default), s32le, f32le")
+    p.add_argument(
+        "--gain",
+        type=int,
+        help="packet stream: dB applied before encoding "
+        "(default: a file's level gain; 0 for raw PCM)",
+    )
 
-    p = verb("decode", cmd_decode, "decode a .vqc code file to audio")
-    p.add_argument("input", type=Path, help="code file (.vqc)")
-    p.add_argument("output", type=Path, help="audio file to write (.wav or .flac)")
+    p = verb("decode", cmd_decode, "decode a .vqc code file or a packet stream to audio")
+    p.add_argument("input", type=Path, help="code file or packet stream, or - (standard input)")
+    p.add_argument("output", type=Path, help="audio file (.wav or .flac), or - for raw PCM")
     p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
     p.add_argument("--iters", type=int, help="Griffin-Lim iterations (default: the model's)")
+    p.add_argument("--format", default="s16le", help="raw PCM output: s16le, s32le, f32le")
+    p.add_argument(
+        "--conceal",
+        action="store_true",
+        help="packet stream: conceal bad or cut packets instead of stopping",
+    )
+
+    p = verb("convert", cmd_convert, "turn a .vqc file into a packet stream or back, losslessly")
+    p.add_argument("input", type=Path, help=".vqc file or packet stream, or - (standard input)")
+    p.add_argument("output", type=Path, help="the other form, or - for standard output")
+    p.add_argument("--model", default="default", help="the model that made it (.vqc to stream)")
 
     p = verb("bench", cmd_bench, "compare the codec with Codec 2 and Opus on held-out speech")
     p.add_argument("audio_dir", type=Path, help="folder of held-out speech clips")

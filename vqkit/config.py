@@ -96,6 +96,11 @@ class ModelConfig:
     kernels: tuple[int, ...] = (3, 3)  # convlist
     strides: tuple[int, ...] = (2, 2)  # convlist
     dense_dim: int = 0  # convlist: > 0 adds a dense bottleneck of this size
+    # conv1d, for real-time coding: how far the encoder looks past a code frame's last feature
+    # frame, and the decoder past a code frame, in those frames; >= 0 makes every conv causal
+    # (padded on the left) and shifts the input by that much; -1: centred convs, no limit
+    encoder_lookahead: int = -1
+    decoder_lookahead: int = -1
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "model.kernels": (1, 1024),
     "model.strides": (1, 1024),
     "model.dense_dim": (0, 2**20),
+    "model.encoder_lookahead": (-1, 65536),
+    "model.decoder_lookahead": (-1, 65536),
     "bottleneck.codebook_size": (1, 65536),  # the code file's limit too
     "bottleneck.codebook_dim": (0, 65536),
     "bottleneck.n_codebooks": (1, 1024),

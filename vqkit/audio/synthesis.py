@@ -203,7 +203,8 @@ class HarmonicNoise(torch.nn.Module):
         n = min(spec.shape[-1], env_db.shape[-1])
         mel = self.bin_mel.expand(env_db.shape[0], n, -1)
         power_db = self._at(env_db[..., :n], mel)  # (B, N, bins)
-        gain = torch.where(voiced[..., :n] > 0, self.noise_voiced, 1.0)[..., None]
+        # fractional voicing (concealment fades it) moves the noise between the two gains
+        gain = (1 - (1 - self.noise_voiced) * voiced[..., :n].clamp(0, 1))[..., None]
         scale = gain * torch.sqrt(torch.pow(10.0, power_db / 10) / a.window_power)
         spec = spec[..., :n] * scale.transpose(1, 2)
         return istft(spec, a.n_fft, a.hop_length, a.win_length, a.window, length=length)

@@ -8,7 +8,7 @@ the bitrate; the harmonic-plus-noise synthesiser makes the waveform.
 
 Encoding streams: audio is read in blocks, resampled to the model's rate by a streaming soxr
 resampler, and the encoder runs on chunks of ``codec.chunk_seconds`` with margins of context that
-cover its receptive field (measured once from the model's gradients) and are then discarded, so
+cover its receptive field (:func:`vqkit.codec.realtime.reach_sides`) and are then discarded, so
 the codes equal those of encoding the whole file at once. Decoding runs the decoder on chunks in
 the same way and synthesises the waveform window by window with a crossfade
 (:func:`vqkit.codec.stream.synthesise_chunked`). Memory is bounded by the chunk size, not the
@@ -44,6 +44,8 @@ from vqkit.audio.io import (
 from vqkit.audio.synthesis import make_synthesiser, postfilter
 from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.codec.codefile import EncodedAudio, bits_per_code, read_code_file
+from vqkit.codec.packets import StreamHeader
+from vqkit.codec.realtime import Lookahead, StreamDecoder, StreamEncoder
 from vqkit.codec.side import pitch_codes, pitch_from_codes, side_codebooks
 from vqkit.codec.stream import synthesise_chunked
 from vqkit.config import Config
@@ -53,8 +55,6 @@ from vqkit.nn.normalise import Normaliser
 from vqkit.run import resolve_model
 
 CodeSource = EncodedAudio | bytes | bytearray | memoryview | str | os.PathLike
-PROBE_FRAMES = 256  # first input length for measuring a network's receptive field
-MAX_PROBE_FRAMES = 16384
 MAX_LEVEL_GAIN_DB = 60  # the level normalisation never scales by more than this
 
 
@@ -114,10 +114,9 @@ class Codec:
     @functools.cached_property
     def margins(self) -> tuple[int, int]:
         """Context in code frames that the encoder and the decoder need on each side of a chunk."""
-        d = self.downsample
-        reach = _reach(self.model.encoder, self.frontend.n_bins, d, downsampling=True)
-        latent_dim = self.model.bottleneck.latent_dim
-        return math.ceil(reach / d) + 1, _reach(self.model.decoder, latent_dim, d, False) + 1
+        d, la = self.downsample, self.lookahead
+        reach = max(la.encoder_back, la.encoder_ahead)  # feature frames
+        return math.ceil(reach / d) + 1, max(la.decoder_back, la.decoder_ahead) + 1
 
     def encode(
         self, wave: np.ndarray, sample_rate: int, bitrate: float | None = None
@@ -228,14 +227,7 @@ class Codec:
             buffer, offset = buffer[begin - offset :], begin
             wave = torch.from_numpy(buffer[: needed - begin])[None]
             frames = slice(first - begin // hop, last - begin // hop)
-            if self.parametric:
-                features, f0, voiced = self.frontend.analyse(wave)
-            else:
-                features = self.frontend(wave)
-            x = self.normaliser.normalise(features[..., frames])
-            codes = self.model.encode(x, n_stages)[0]  # (Q, L)
-            if self.parametric:  # the pitch and voicing rows go first
-                codes = torch.cat([pitch_codes(f0[:, frames], voiced[:, frames], d)[0], codes])
+            codes = self.encode_window(wave, frames, n_stages)
             # uint16 at once (codebooks hold at most 65536 codes): a quarter of int64's memory
             chunks.append(
                 codes[:, start - first // d : stop - first // d].numpy().astype(np.uint16)
@@ -251,16 +243,66 @@ class Codec:
             stop = min(start + self.chunk_codes, n_codes)
             first, last = max(0, start - margin), min(n_codes, stop + margin)
             chunk = torch.from_numpy(codes[:, first:last].astype(np.int64))
-            side, envelope = chunk[: len(self.side)], chunk[len(self.side) :]
             with torch.inference_mode():
-                x_hat = self.model.decode(envelope[None])
-                no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
-                x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
-                x_hat = postfilter(x_hat, self.config.codec.postfilter)
-                if self.parametric:  # F0 and voicing become the last two rows
-                    f0, voiced = pitch_from_codes(side[None], d, x_hat.shape[-1])
-                    x_hat = torch.cat([x_hat, f0, voiced])
+                x_hat = self.decode_window(chunk)
             yield x_hat[:, (start - first) * d : min(stop * d, n_frames) - first * d]
+
+    def encode_window(self, wave: Tensor, frames: slice, n_stages: int) -> Tensor:
+        """Codes ``(Q, L)`` of the feature frames ``frames`` (from a code frame's first) of a
+        model-rate window ``(1, T)``: a parametric model's pitch and voicing rows first."""
+        if self.parametric:
+            features, f0, voiced = self.frontend.analyse(wave)
+        else:
+            features = self.frontend(wave)
+        x = self.normaliser.normalise(features[..., frames])
+        codes = self.model.encode(x, n_stages)[0]  # (Q, L)
+        if self.parametric:  # the pitch and voicing rows go first
+            side = pitch_codes(f0[:, frames], voiced[:, frames], self.downsample)[0]
+            codes = torch.cat([side, codes])
+        return codes
+
+    def decode_window(self, codes: Tensor) -> Tensor:
+        """Features in dB ``(F, L * downsample)`` of consecutive code frames ``(Q, L)``; a
+        parametric model's F0 and voicing are the last two rows."""
+        side, codes = codes[: len(self.side)], codes[len(self.side) :]
+        x_hat = self.model.decode(codes[None])
+        no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
+        x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
+        x_hat = postfilter(x_hat, self.config.codec.postfilter)
+        if self.parametric:  # F0 and voicing become the last two rows
+            f0, voiced = pitch_from_codes(side[None], self.downsample, x_hat.shape[-1])
+            x_hat = torch.cat([x_hat, f0, voiced])
+        return x_hat
+
+    @functools.cached_property
+    def lookahead(self) -> Lookahead:
+        """What real-time coding waits for at each stage, measured from the model."""
+        return Lookahead(self)
+
+    @property
+    def latency_ms(self) -> float:
+        """The algorithmic delay of real-time coding: a packet, the analysis and the networks'
+        lookahead, and the synthesis window (:meth:`Lookahead.latency_samples`)."""
+        return 1000 * self.lookahead.latency_samples() / self.sample_rate
+
+    def stream_encoder(
+        self, bitrate: float | None = None, sample_rate: int | None = None, gain_db: int = 0
+    ) -> StreamEncoder:
+        """A real-time encoder of mono PCM at ``sample_rate`` (the model's by default):
+        ``push(pcm)`` and ``flush()`` return packets; ``header`` is the stream's header."""
+        rate = self.sample_rate if sample_rate is None else sample_rate
+        check_rate(rate)
+        return StreamEncoder(self, self.n_stages(bitrate), rate, gain_db)
+
+    def stream_decoder(
+        self, header: bytes | StreamHeader | None = None, sample_rate: int | None = None
+    ) -> StreamDecoder:
+        """A real-time decoder: ``push(packet)`` (``None``: lost) and ``flush()`` return audio
+        at ``sample_rate`` (by default the stream's). Without a header the stage count comes
+        from the first packet's size and the audio is at the model's rate."""
+        if isinstance(header, (bytes, bytearray)):
+            header = StreamHeader.from_bytes(bytes(header))
+        return StreamDecoder(self, header, sample_rate)
 
     def _check_encoded(self, encoded: EncodedAudio) -> None:
         if encoded.model_id != self.model_id:
@@ -378,34 +420,3 @@ def _normaliser(checkpoint: Checkpoint) -> Normaliser:
             "(per-utterance min-max values are side information it does not carry)"
         )
     return normaliser
-
-
-def _reach(net: nn.Module, channels: int, factor: int, downsampling: bool) -> int:
-    """How far (in input frames) an output frame of a 1-D conv net looks either side: measured
-    from input gradients of random inputs, the probe doubled until the reach fits inside it.
-
-    Downsampling nets (encoders) map ``factor`` input frames to one output frame; upsampling nets
-    (decoders) one input frame to ``factor`` output frames.
-    """
-    length, generator = PROBE_FRAMES, torch.Generator().manual_seed(0)
-    while True:  # gradients work inside a caller's inference_mode too
-        middle = length // 2 // factor * factor  # an input frame on the output grid
-        out = (
-            slice(middle // factor, middle // factor + 1)
-            if downsampling
-            else slice(middle * factor, (middle + 1) * factor)
-        )
-        touched = torch.zeros(length, dtype=torch.bool)
-        for _ in range(2):  # a second random point guards against units that happen to be off
-            with torch.inference_mode(False), torch.enable_grad():
-                x = torch.randn(1, channels, length, generator=generator, requires_grad=True)
-                y = net(x)[..., out]
-                (grad,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
-            touched |= grad[0].abs().sum(0) > 0
-        index = torch.nonzero(touched)[:, 0]
-        if index.numel() == 0:  # the output ignores its input (all-zero weights, say)
-            return 0
-        low, high = int(index.min()), int(index.max())
-        if (low > 0 and high < length - 1) or length >= MAX_PROBE_FRAMES:
-            return max(middle - low, high - middle)
-        length *= 2

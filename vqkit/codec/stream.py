@@ -1,5 +1,6 @@
 """Chunked synthesis: any synthesiser run window by window over a feature stream, the windows
-joined by a crossfade, so memory stays bounded however long the recording."""
+joined by a crossfade, so memory stays bounded however long the recording; and its streaming
+form for real-time decoding, fed a packet's frames at a time (:class:`WindowSynthesiser`)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,73 @@ class _FrameBuffer:
         self.frames = self.frames[:, first - self.offset :]
         self.offset = first
         return self.frames[:, : last - first]
+
+
+SYNTH_MARGIN = 2  # frames a streaming window is synthesised beyond its own, either side
+
+
+class WindowSynthesiser:
+    """Features in as they are decoded; the waveform out, window by window (the streaming form
+    of :func:`synthesise_chunked`).
+
+    Window ``k`` owns frames ``[k W - M, (k + 1) W - M)`` (``W = window_frames``, ``M`` =
+    :data:`SYNTH_MARGIN`; the first window starts at 0), is synthesised with ``M`` more frames
+    either side and crossfaded into the next over ``M * hop_length`` samples. The windows sit
+    ``M`` frames early so that a window is complete as soon as the ``W`` frames of one packet
+    are: the synthesis waits for no later packet.
+    """
+
+    def __init__(self, synthesiser: Synthesiser, window_frames: int) -> None:
+        if window_frames < 2 * SYNTH_MARGIN:
+            raise ValueError(f"need window_frames >= {2 * SYNTH_MARGIN}, got {window_frames}")
+        self.synthesiser, self.window = synthesiser, window_frames
+        self.hop = synthesiser.hop_length
+        self.frames: Tensor | None = None  # features from frame self.offset on
+        self.offset, self.n_windows, self.start = 0, 0, 0
+        self.tail = np.zeros(0, dtype=np.float32)
+
+    def push(self, features: Tensor, hold: bool = False) -> np.ndarray:
+        """Append frames ``(F, N)``; return the samples of the windows now complete
+        (``hold``: keep the frames for :meth:`finish`)."""
+        self.frames = features if self.frames is None else torch.cat([self.frames, features], -1)
+        blocks = []
+        available = self.offset + self.frames.shape[-1]
+        while not hold and self._bound(self.n_windows) + SYNTH_MARGIN <= available:
+            blocks.append(self._window(None, None))
+        return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+
+    def finish(self, n_frames: int, length: int) -> np.ndarray:
+        """The remaining windows of a stream of ``n_frames`` frames and ``length`` samples."""
+        blocks = []
+        while self.frames is not None and self._bound(self.n_windows - 1) < n_frames:
+            blocks.append(self._window(n_frames, length))
+        return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+
+    def _bound(self, k: int) -> int:
+        """The frame where window ``k`` ends and ``k + 1`` begins (0 for ``k = -1``)."""
+        return max(0, (k + 1) * self.window - SYNTH_MARGIN)
+
+    def _window(self, n_frames: int | None, length: int | None) -> np.ndarray:
+        k, hop, margin = self.n_windows, self.hop, SYNTH_MARGIN
+        fade = margin * hop // 2
+        first, last = max(0, self._bound(k - 1) - margin), self._bound(k) + margin
+        if n_frames is not None:
+            last = min(last, n_frames)
+        reach = length if last == n_frames else (last - 1) * hop + 1
+        frames = self.frames[:, first - self.offset : last - self.offset]
+        with torch.inference_mode():
+            wave = self.synthesiser(frames[None], reach - first * hop, first)[0].numpy()
+        boundary = self._bound(k) * hop
+        if length is not None:
+            boundary = min(boundary, length)
+        end = length if boundary == length else boundary - fade  # emit [start, end)
+        block = wave[self.start - first * hop : end - first * hop]
+        if len(self.tail):
+            head = block[: len(self.tail)]
+            block = np.concatenate([crossfade(self.tail[: len(head)], head), block[len(head) :]])
+        tail_end = boundary + fade if length is None else min(boundary + fade, length)
+        self.tail = wave[end - first * hop : tail_end - first * hop]
+        self.start, self.n_windows = end, k + 1
+        keep = max(0, self._bound(k) - margin)
+        self.frames, self.offset = self.frames[:, keep - self.offset :], keep
+        return block

@@ -51,17 +51,56 @@ def exact_padding(kernel: int, stride: int) -> tuple[int, int]:
     return padding, output_padding
 
 
+class CausalConv1d(nn.Conv1d):
+    """A 1-D conv padded on the left only, by ``kernel - stride``: it maps ``L`` (a multiple of
+    the stride) to ``L / stride`` and output frame ``i`` sees input frames up to
+    ``(i + 1) * stride - 1``, the last of its own, none later."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> None:
+        if kernel < stride:
+            raise VqkitError(f"a causal conv needs kernel >= stride, got {kernel} < {stride}")
+        super().__init__(in_channels, out_channels, kernel, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (self.kernel_size[0] - self.stride[0], 0)))
+
+
+class CausalConvTranspose1d(nn.ConvTranspose1d):
+    """A 1-D transposed conv that keeps the first ``L * stride`` outputs of ``L`` inputs: output
+    frame ``o`` sees input frames up to ``o // stride``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int) -> None:
+        super().__init__(in_channels, out_channels, kernel, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)[..., : x.shape[-1] * self.stride[0]]
+
+
+def advance(x: Tensor, frames: int) -> Tensor:
+    """``(B, C, N)`` moved ``frames`` earlier (frame ``i`` is then frame ``i + frames``), zeros at
+    the end: a causal net fed this looks ``frames`` ahead."""
+    return F.pad(x, (0, frames))[..., frames:] if frames else x
+
+
+def conv3(dims: int, in_channels: int, out_channels: int, causal: bool = False) -> nn.Module:
+    """A 3-wide conv that keeps the length: centred, or causal (1-D)."""
+    if causal:
+        return CausalConv1d(in_channels, out_channels, 3)
+    return conv(dims, in_channels, out_channels, 3, padding=1)
+
+
 class ResidualBlock(nn.Module):
-    """``x + conv1x1(relu(conv3x3(relu(x))))``, the VQ-VAE paper's block.
+    """``x + conv1x1(relu(conv3x3(relu(x))))``, the VQ-VAE paper's block (``causal``: the 3-wide
+    conv sees no later frame; 1-D).
 
     Shapes: ``(B, channels, *S) -> (B, channels, *S)``.
     """
 
-    def __init__(self, channels: int, hidden: int, dims: int) -> None:
+    def __init__(self, channels: int, hidden: int, dims: int, causal: bool = False) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.ReLU(),
-            conv(dims, channels, hidden, 3, padding=1),
+            conv3(dims, channels, hidden, causal),
             nn.ReLU(),
             conv(dims, hidden, channels, 1),
         )
@@ -70,9 +109,11 @@ class ResidualBlock(nn.Module):
         return x + self.net(x)
 
 
-def residual_stack(channels: int, hidden: int, n_blocks: int, dims: int) -> nn.Sequential:
+def residual_stack(
+    channels: int, hidden: int, n_blocks: int, dims: int, causal: bool = False
+) -> nn.Sequential:
     """``n_blocks`` residual blocks followed by a ReLU, as in the VQ-VAE paper."""
-    blocks = [ResidualBlock(channels, hidden, dims) for _ in range(n_blocks)]
+    blocks = [ResidualBlock(channels, hidden, dims, causal) for _ in range(n_blocks)]
     return nn.Sequential(*blocks, nn.ReLU())
 
 

@@ -27,8 +27,12 @@ from vqkit.config import Config, ModelConfig, ModelKind, choices
 from vqkit.errors import VqkitError
 from vqkit.limits import check_memory
 from vqkit.nn.blocks import (
+    CausalConv1d,
+    CausalConvTranspose1d,
+    advance,
     batch_norm,
     conv,
+    conv3,
     conv_transpose,
     crop,
     exact_padding,
@@ -69,20 +73,27 @@ class ConvEncoder(nn.Module):
         super().__init__()
         self.dims, self.add_channel = dims, add_channel
         self.downsample = self.multiple = config.downsample
+        self.lookahead = _lookahead(config.encoder_lookahead, dims, "encoder")
+        causal = self.lookahead is not None
         widths = _stage_widths(config.hidden, _n_stages(config.downsample), dims)
         layers: list[nn.Module] = []
         channels = in_channels
         for width in widths:
-            layers += [conv(dims, channels, width, 4, stride=2, padding=1), nn.ReLU()]
+            if causal:
+                layers += [CausalConv1d(channels, width, 4, 2), nn.ReLU()]
+            else:
+                layers += [conv(dims, channels, width, 4, stride=2, padding=1), nn.ReLU()]
             channels = width
         layers += [
-            conv(dims, channels, config.hidden, 3, padding=1),
-            residual_stack(config.hidden, config.hidden, config.n_res_blocks, dims),
+            conv3(dims, channels, config.hidden, causal),
+            residual_stack(config.hidden, config.hidden, config.n_res_blocks, dims, causal),
             conv(dims, config.hidden, config.latent_dim, 1),
         ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.lookahead is not None:
+            x = advance(x, self.lookahead)
         return self.net(_as_image(x, self.add_channel))
 
     def latent_size(self, size: Sequence[int]) -> tuple[int, ...]:
@@ -102,24 +113,43 @@ class ConvDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.add_channel = add_channel
+        self.lookahead = _lookahead(config.decoder_lookahead, dims, "decoder")
+        causal = self.lookahead is not None
         widths = _stage_widths(config.hidden, _n_stages(config.downsample), dims)
         layers: list[nn.Module] = [
-            conv(dims, config.latent_dim, config.hidden, 3, padding=1),
-            residual_stack(config.hidden, config.hidden, config.n_res_blocks, dims),
+            conv3(dims, config.latent_dim, config.hidden, causal),
+            residual_stack(config.hidden, config.hidden, config.n_res_blocks, dims, causal),
         ]
         channels = config.hidden
         for i in reversed(range(len(widths))):
             width = widths[i - 1] if i > 0 else out_channels
-            layers.append(conv_transpose(dims, channels, width, 4, stride=2, padding=1))
+            if causal:
+                layers.append(CausalConvTranspose1d(channels, width, 4, 2))
+            else:
+                layers.append(conv_transpose(dims, channels, width, 4, stride=2, padding=1))
             if i > 0:
                 layers.append(nn.ReLU())
             channels = width
         if not widths:
-            layers.append(conv(dims, channels, out_channels, 3, padding=1))
+            layers.append(conv3(dims, channels, out_channels, causal))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z_q: Tensor) -> Tensor:
+        if self.lookahead is not None:
+            z_q = advance(z_q, self.lookahead)
         return _from_image(self.net(z_q), self.add_channel)
+
+
+def _lookahead(frames: int, dims: int, which: str) -> int | None:
+    """None for centred convs (``-1``), else the frames a causal 1-D net looks ahead."""
+    if frames == -1:
+        return None
+    if frames < 0 or dims != 1:
+        raise VqkitError(
+            f"model.{which}_lookahead must be -1 (no limit) or >= 0 frames with kind conv1d, "
+            f"got {frames}"
+        )
+    return frames
 
 
 def _n_stages(downsample: int) -> int:

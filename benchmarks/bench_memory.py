@@ -4,7 +4,8 @@ Each run is a fresh ``python -m vqkit`` process on one thread (``OMP_NUM_THREADS
 peak resident set size is the kernel's ``ru_maxrss`` for that child alone. The input is real
 speech, resampled to 16 kHz and repeated to fill each duration (written block by block): every
 FSDD recording (six male voices: low pitch means many harmonics, the synthesiser's largest work
-arrays) when ``--speech`` names its folder, else the bundled sample clips. The shipped model
+arrays) when ``--speech`` names its folder, else the bundled sample clips; or with ``--tone`` a
+tone in noise, whose pitch track reaches YIN's 50 Hz floor (the worst case). The shipped model
 unless ``--model`` (FSDD: ``--speech ../shared/data/fsdd/recordings``)::
 
     .venv/bin/python benchmarks/bench_memory.py [--minutes 10 60] [--speech FOLDER] [--model M]
@@ -34,9 +35,20 @@ SAMPLE = sorted((ROOT / "vqkit" / "assets" / "sample").glob("*.flac"))
 RATE = 16000
 
 
+def noisy_tone(seconds: float = 10.0) -> np.ndarray:
+    """A tone gliding around 150 Hz in noise: YIN finds pitches down to its 50 Hz floor, the most
+    harmonics the synthesiser ever makes (the worst case for its memory)."""
+    t = np.arange(round(seconds * RATE)) / RATE
+    noise = np.random.default_rng(0).standard_normal(t.size)
+    return (0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(t)) * t) + 0.05 * noise).astype(np.float32)
+
+
 def write_long_speech(path: Path, minutes: float, clips: list[Path]) -> float:
-    """``clips`` one after another, repeated to ``minutes`` of 16 kHz PCM; returns seconds."""
-    speech = np.concatenate([read_audio(clip, RATE)[0] for clip in clips])
+    """``clips`` one after another (the noisy tone when none), repeated to ``minutes`` of 16 kHz
+    PCM; returns seconds."""
+    speech = (
+        np.concatenate([read_audio(clip, RATE)[0] for clip in clips]) if clips else noisy_tone()
+    )
     total = round(minutes * 60 * RATE)
     with sf.SoundFile(path, "w", RATE, 1, "PCM_16") as f:
         for start in range(0, total, len(speech)):
@@ -66,9 +78,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--speech", type=Path, help="a folder of speech clips (default: sample)")
+    parser.add_argument("--tone", action="store_true", help="a noisy tone instead of speech")
     args = parser.parse_args()
-    clips = sorted(args.speech.glob("*.wav")) if args.speech else SAMPLE
-    print(f"speech: {len(clips)} clips from {args.speech or 'the bundled sample'}")
+    clips = [] if args.tone else sorted(args.speech.glob("*.wav")) if args.speech else SAMPLE
+    print(
+        f"input: {len(clips)} clips from {args.speech or 'the bundled sample'}"
+        if clips
+        else "input: a noisy tone"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for minutes in args.minutes:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,25 +36,31 @@ SAMPLE = sorted((ROOT / "vqkit" / "assets" / "sample").glob("*.flac"))
 RATE = 16000
 
 
-def noisy_tone(seconds: float = 10.0) -> np.ndarray:
-    """A tone gliding around 150 Hz in noise: YIN finds pitches down to its 50 Hz floor, the most
-    harmonics the synthesiser ever makes (the worst case for its memory)."""
-    t = np.arange(round(seconds * RATE)) / RATE
-    noise = np.random.default_rng(0).standard_normal(t.size)
-    return (0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(t)) * t) + 0.05 * noise).astype(np.float32)
+def noisy_tone(n: int) -> Iterator[np.ndarray]:
+    """``n`` samples of a tone gliding around 150 Hz in noise, in 10 s blocks: YIN finds pitches
+    down to its 50 Hz floor, the most harmonics the synthesiser makes (its worst case)."""
+    t, rng = np.arange(10 * RATE) / RATE, np.random.default_rng(0)
+    for start in range(0, n, t.size):
+        noise = 0.05 * rng.standard_normal(t.size)
+        block = 0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(t + start)) * t) + noise
+        yield block[: n - start].astype(np.float32)
 
 
-def write_long_speech(path: Path, minutes: float, clips: list[Path]) -> float:
-    """``clips`` one after another (the noisy tone when none), repeated to ``minutes`` of 16 kHz
-    PCM; returns seconds."""
-    speech = (
-        np.concatenate([read_audio(clip, RATE)[0] for clip in clips]) if clips else noisy_tone()
-    )
-    total = round(minutes * 60 * RATE)
+def repeated(clips: list[Path], n: int) -> Iterator[np.ndarray]:
+    """``n`` samples of ``clips`` one after another, repeated."""
+    speech = np.concatenate([read_audio(clip, RATE)[0] for clip in clips])
+    for start in range(0, n, len(speech)):
+        yield speech[: n - start]
+
+
+def write_long_input(path: Path, minutes: float, clips: list[Path]) -> float:
+    """``minutes`` of 16 kHz PCM: ``clips`` repeated, or the noisy tone when there are none;
+    returns seconds."""
+    n = round(minutes * 60 * RATE)
     with sf.SoundFile(path, "w", RATE, 1, "PCM_16") as f:
-        for start in range(0, total, len(speech)):
-            f.write(speech[: total - start])
-    return total / RATE
+        for block in repeated(clips, n) if clips else noisy_tone(n):
+            f.write(block)
+    return n / RATE
 
 
 def peak_of(argv: list[str]) -> tuple[int, float]:
@@ -90,7 +97,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for minutes in args.minutes:
             wav, vqc, out = (Path(folder) / name for name in ("in.wav", "x.vqc", "out.wav"))
-            seconds = write_long_speech(wav, minutes, clips)
+            seconds = write_long_input(wav, minutes, clips)
             encode = peak_of(["encode", str(wav), str(vqc), "--model", args.model])
             decode = peak_of(["decode", str(vqc), str(out), "--model", args.model])
             rows.append(

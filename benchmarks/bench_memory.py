@@ -4,7 +4,8 @@ Each run is a fresh ``python -m vqkit`` process on one thread (``OMP_NUM_THREADS
 peak resident set size is the kernel's ``ru_maxrss`` for that child alone. The input is real
 speech, resampled to 16 kHz and repeated to fill each duration (written block by block): every
 FSDD recording (six male voices: low pitch means many harmonics, the synthesiser's largest work
-arrays) when ``--speech`` names its folder, else the bundled sample clips. The shipped model
+arrays) when ``--speech`` names its folder, else the bundled sample clips; or with ``--tone`` a
+tone in noise, whose pitch track reaches YIN's 50 Hz floor (the worst case). The shipped model
 unless ``--model`` (FSDD: ``--speech ../shared/data/fsdd/recordings``)::
 
     .venv/bin/python benchmarks/bench_memory.py [--minutes 10 60] [--speech FOLDER] [--model M]
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +36,31 @@ SAMPLE = sorted((ROOT / "vqkit" / "assets" / "sample").glob("*.flac"))
 RATE = 16000
 
 
-def write_long_speech(path: Path, minutes: float, clips: list[Path]) -> float:
-    """``clips`` one after another, repeated to ``minutes`` of 16 kHz PCM; returns seconds."""
+def noisy_tone(n: int) -> Iterator[np.ndarray]:
+    """``n`` samples of a tone gliding around 150 Hz in noise, in 10 s blocks: YIN finds pitches
+    down to its 50 Hz floor, the most harmonics the synthesiser makes (its worst case)."""
+    t, rng = np.arange(10 * RATE) / RATE, np.random.default_rng(0)
+    for start in range(0, n, t.size):
+        noise = 0.05 * rng.standard_normal(t.size)
+        block = 0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(t + start)) * t) + noise
+        yield block[: n - start].astype(np.float32)
+
+
+def repeated(clips: list[Path], n: int) -> Iterator[np.ndarray]:
+    """``n`` samples of ``clips`` one after another, repeated."""
     speech = np.concatenate([read_audio(clip, RATE)[0] for clip in clips])
-    total = round(minutes * 60 * RATE)
+    for start in range(0, n, len(speech)):
+        yield speech[: n - start]
+
+
+def write_long_input(path: Path, minutes: float, clips: list[Path]) -> float:
+    """``minutes`` of 16 kHz PCM: ``clips`` repeated, or the noisy tone when there are none;
+    returns seconds."""
+    n = round(minutes * 60 * RATE)
     with sf.SoundFile(path, "w", RATE, 1, "PCM_16") as f:
-        for start in range(0, total, len(speech)):
-            f.write(speech[: total - start])
-    return total / RATE
+        for block in repeated(clips, n) if clips else noisy_tone(n):
+            f.write(block)
+    return n / RATE
 
 
 def peak_of(argv: list[str]) -> tuple[int, float]:
@@ -66,14 +85,19 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--speech", type=Path, help="a folder of speech clips (default: sample)")
+    parser.add_argument("--tone", action="store_true", help="a noisy tone instead of speech")
     args = parser.parse_args()
-    clips = sorted(args.speech.glob("*.wav")) if args.speech else SAMPLE
-    print(f"speech: {len(clips)} clips from {args.speech or 'the bundled sample'}")
+    clips = [] if args.tone else sorted(args.speech.glob("*.wav")) if args.speech else SAMPLE
+    print(
+        f"input: {len(clips)} clips from {args.speech or 'the bundled sample'}"
+        if clips
+        else "input: a noisy tone"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for minutes in args.minutes:
             wav, vqc, out = (Path(folder) / name for name in ("in.wav", "x.vqc", "out.wav"))
-            seconds = write_long_speech(wav, minutes, clips)
+            seconds = write_long_input(wav, minutes, clips)
             encode = peak_of(["encode", str(wav), str(vqc), "--model", args.model])
             decode = peak_of(["decode", str(vqc), str(out), "--model", args.model])
             rows.append(

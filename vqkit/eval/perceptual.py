@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from vqkit.audio.io import resample
+from vqkit.eval.metrics import try_metric
 
 PERCEPTUAL_RATE = 16000  # ViSQOL speech mode and DNSMOS are defined on 16 kHz speech
 DNSMOS_KEYS = {"dnsmos_sig": "sig_mos", "dnsmos_bak": "bak_mos", "dnsmos_ovrl": "ovrl_mos"}
@@ -83,6 +84,8 @@ def visqol(x: np.ndarray, x_hat: np.ndarray, sample_rate: int) -> float:
         raise ValueError(f"expected x and x_hat of the same shape, got {x.shape}, {x_hat.shape}")
     if not np.any(x16):
         raise ValueError("reference is silent")
+    if not np.any(x_hat16):
+        raise ValueError("output is silent")
     try:
         result = _visqol_api().measure_from_arrays(
             x16.astype(np.float64), x_hat16.astype(np.float64), PERCEPTUAL_RATE
@@ -120,7 +123,10 @@ def dnsmos_scores(x: np.ndarray, sample_rate: int) -> dict[str, float]:
         scores = _dnsmos_model()(x16, PERCEPTUAL_RATE, False)
     except Exception as e:
         raise RuntimeError(f"DNSMOS: {type(e).__name__}: {e}") from None
-    return {key: float(scores[name]) for key, name in DNSMOS_KEYS.items()}
+    out = {key: float(scores[name]) for key, name in DNSMOS_KEYS.items()}
+    if not all(np.isfinite(list(out.values()))):
+        raise RuntimeError(f"DNSMOS: non-finite scores {out}")
+    return out
 
 
 def perceptual_scores(
@@ -133,10 +139,7 @@ def perceptual_scores(
     if absent:
         return {k: {"error": absent} if dnsmos or k == "visqol" else None for k in PERCEPTUAL_KEYS}
     out: dict[str, Any] = dict.fromkeys(DNSMOS_KEYS)
-    try:
-        out["visqol"] = visqol(x, x_hat, sample_rate)
-    except (ValueError, RuntimeError) as e:
-        out["visqol"] = {"error": str(e)}
+    out["visqol"] = try_metric(visqol, x, x_hat, sample_rate)
     if not dnsmos:
         return out
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from browser import dump_dom, needs_chromium
+from browser import CHROMIUM, dump_dom, needs_chromium, screenshot
 from conftest import TINY_BARE_CODEC, save_random_codec
 from test_metrics import speechlike
 
@@ -178,6 +178,8 @@ def test_two_listeners_one_screened_out_give_the_expected_table(test_page, bench
     assert table["anchor-3.5k"]["kbps"] == ""
     assert (bench_out / "listen" / "listening.png").read_bytes()[:4] == b"\x89PNG"
     assert '<img src="listen/listening.png"' in (bench_out / "report.html").read_text()
+    if CHROMIUM:  # the report with its listening section loads, every image and link found
+        assert screenshot(bench_out / "report.html", tmp_path / "r.png", tmp_path / "p") == []
 
 
 def test_ratings_from_another_test_or_malformed_are_refused(test_page, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from browser import CHROMIUM, dump_dom, needs_chromium, screenshot
+from browser import CHROMIUM, dump_dom, needs_chromium, run_chromium, screenshot
 from conftest import TINY_BARE_CODEC, save_random_codec
 from test_metrics import speechlike
 
@@ -27,6 +27,7 @@ from vqkit.eval import bench, listen, mushra
 RATE = 16000
 SYSTEMS = ["vqkit-0.25k", "vqkit-0.50k", "oracle-griffinlim"]
 CONDITIONS = ["hidden-reference", "anchor-3.5k", "anchor-7k", *SYSTEMS]
+BUDGET = 30_000  # ms of virtual time for a scripted listener
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,14 @@ def test_systems_can_be_chosen_and_errors_are_one_line(bench_out, tmp_path, caps
     listen.write_test(bench_out)  # back to every system, for the tests after this one
 
 
+def listener(page: Path, profile: Path, script: str) -> tuple[str, list[str]]:
+    """A scripted listener (``#autotest=LISTENER&...``) on ``page``; its DOM and console. Its
+    presses of Play count as gestures, and it gets a generous virtual-time budget."""
+    url = f"{page.resolve().as_uri()}#autotest={script}"
+    flags = ("--dump-dom", "--autoplay-policy=no-user-gesture-required")
+    return run_chromium(url, profile, *flags, budget_ms=BUDGET)
+
+
 def last_download(dom: str) -> dict:
     match = re.search(r'<pre id="last-download">(.*?)</pre>', dom, re.S)
     assert match and match.group(1), "the page saved no results"
@@ -107,7 +116,7 @@ def last_download(dom: str) -> dict:
 @needs_chromium
 def test_a_scripted_listener_rates_every_trial_and_downloads(test_page, tmp_path):
     page, config = test_page
-    dom, console = dump_dom(page, tmp_path / "profile", "autotest=alice&score.anchor-3.5k=7")
+    dom, console = listener(page, tmp_path / "profile", "alice&score.anchor-3.5k=7")
     assert console == []  # loaded, decoded every condition's audio, no script error
     assert 'data-autotest="done"' in dom
     results = last_download(dom)
@@ -125,7 +134,7 @@ def test_a_scripted_listener_rates_every_trial_and_downloads(test_page, tmp_path
 def test_a_reload_loses_no_rating(test_page, tmp_path):
     page, _ = test_page
     profile = tmp_path / "profile"
-    dump_dom(page, profile, "autotest=bob&trials=1")  # rates the first trial, then closes
+    listener(page, profile, "bob&trials=1")  # rates one trial, then closes
     dom, console = dump_dom(page, profile)  # a new browser on the same profile
     assert console == []
     assert 'data-listener="bob"' in dom

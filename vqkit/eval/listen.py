@@ -2,7 +2,7 @@
 
 :func:`write_test` writes ``BENCH_OUT/listen/index.html`` (one self-contained page: no scripts,
 styles or fonts from elsewhere) and ``BENCH_OUT/listen/audio/TRIAL.js``, one per clip: every
-condition of that trial as a 16-bit WAV in base64, so the page decodes it with Web Audio from a
+condition of that trial as a 16-bit WAV in base64, so the page reads it into Web Audio from a
 ``file://`` URL too (browsers refuse ``fetch`` there). A trial is one clip: the open reference,
 and, in an order shuffled per listener and per trial, the hidden reference, the 3.5 kHz low-pass
 anchor, the 7 kHz mid anchor and the systems, every one at the reference's rate and length.

@@ -175,10 +175,12 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
         )
         x, y, err = zip(*points, strict=True)
         axes.errorbar(x, y, yerr=err, fmt="o-", capsize=3, markersize=4, label=family)
-    for row in (r for r in rows if r["kbps"] is None):
-        line = axes.axhline(row["mean"], linestyle="--", linewidth=1, label=row["condition"])
+    lines = [r for r in rows if r["kbps"] is None]
+    for i, row in enumerate(lines):
+        colour = "black" if row["condition"] == HIDDEN else f"C{(i + 3) % 10}"
+        axes.axhline(row["mean"], linestyle="--", linewidth=1, color=colour, label=row["condition"])
         half = row["ci95"] or 0.0
-        axes.axhspan(row["mean"] - half, row["mean"] + half, color=line.get_color(), alpha=0.1)
+        axes.axhspan(row["mean"] - half, row["mean"] + half, color=colour, alpha=0.08)
     axes.set_ylim(0, 100)
     axes.set_xlabel("measured kbit/s (payload)")
     axes.set_ylabel("MUSHRA score (mean, 95 % CI)")

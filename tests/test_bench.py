@@ -89,8 +89,8 @@ def bench_run(tiny_model: Path, clips: Path, tmp_path_factory: pytest.TempPathFa
     """One CLI bench run with every baseline; returns (out folder, results, printed text)."""
     out = tmp_path_factory.mktemp("bench") / "out"
     argv = ["bench", str(clips), "--out", str(out), "--model", str(tiny_model)]
-    # DNSMOS (1.2 s a clip) on the references and one system only; ViSQOL scores every one.
-    argv += ["--dnsmos", "original,vqkit-0.5*"]
+    # DNSMOS (up to 2.6 s a short clip) on the references only; ViSQOL scores every system.
+    argv += ["--dnsmos", "orig*"]
     printed = _run_cli([*argv, "--baselines", "codec2,opus,oracle"])
     return out, json.loads((out / "results.json").read_text()), printed
 
@@ -182,9 +182,8 @@ def test_visqol_scores_every_system_and_dnsmos_those_asked(bench_run):
     assert summary["original"]["visqol"] > summary["vqkit-0.50k"]["visqol"] + 1
     for key in perceptual.DNSMOS_KEYS:
         assert isinstance(summary["original"][key], float)
-        assert isinstance(summary["vqkit-0.50k"][key], float)
-        assert summary["vqkit-0.25k"][key] is None  # not asked for: not computed
-    assert "DNSMOS on: original, vqkit-0.5*" in results["scoring"]
+        assert summary["vqkit-0.50k"][key] is None  # not asked for: not computed
+    assert "DNSMOS on: orig*" in results["scoring"]
     page = (out / "report.html").read_text()
     assert "<th>ViSQOL</th>" in page and "<th>DNSMOS P.808</th>" in page
 

@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first and pinned, so no dependency can pull a newer (CUDA) build.
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,onnx]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,onnx,eval]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -19,9 +19,12 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
-def run_chromium(url: str, profile: Path, *args: str) -> tuple[str, list[str]]:
-    """Run headless Chromium on ``url`` with extra ``args``; returns its stdout and the console
-    lines it logged (errors thrown by the page's scripts among them)."""
+def run_chromium(
+    url: str, profile: Path, *args: str, budget_ms: int = 5000
+) -> tuple[str, list[str]]:
+    """Run headless Chromium on ``url`` with extra ``args`` for ``budget_ms`` of virtual time;
+    returns its stdout and the console lines it logged (errors thrown by the page's scripts
+    among them)."""
     argv = [
         CHROMIUM,
         "--headless",
@@ -34,7 +37,7 @@ def run_chromium(url: str, profile: Path, *args: str) -> tuple[str, list[str]]:
         f"--user-data-dir={profile}",
         "--enable-logging=stderr",
         "--v=0",
-        "--virtual-time-budget=5000",
+        f"--virtual-time-budget={budget_ms}",
         *args,
         url,
     ]
@@ -49,7 +52,9 @@ def screenshot(page: Path, shot: Path, profile: Path, size: str = "1200,2000") -
     return run_chromium(page.resolve().as_uri(), profile, *args)[1]
 
 
-def dump_dom(page: Path, profile: Path, fragment: str = "") -> tuple[str, list[str]]:
+def dump_dom(
+    page: Path, profile: Path, fragment: str = "", budget_ms: int = 5000
+) -> tuple[str, list[str]]:
     """The DOM of ``page`` (opened at ``#fragment``) after its scripts ran, and its console."""
     url = page.resolve().as_uri() + (f"#{fragment}" if fragment else "")
-    return run_chromium(url, profile, "--dump-dom")
+    return run_chromium(url, profile, "--dump-dom", budget_ms=budget_ms)

@@ -18,7 +18,7 @@ from test_metrics import speechlike
 
 from vqkit.cli import main
 from vqkit.config import load_config
-from vqkit.eval import bench
+from vqkit.eval import bench, perceptual
 from vqkit.eval.baselines import CODEC2_MODES, OPUS_KBPS
 
 RATE = 16000
@@ -79,6 +79,7 @@ def silent_run(tiny_model: Path, clips: Path, tmp_path_factory: pytest.TempPathF
             bitrates=[0.6],
             baselines=["codec2", "opus"],
             progress=False,
+            dnsmos=[],  # ViSQOL only: DNSMOS costs up to 2.6 s a short clip
         )
     return root / "out", results
 
@@ -88,6 +89,8 @@ def bench_run(tiny_model: Path, clips: Path, tmp_path_factory: pytest.TempPathFa
     """One CLI bench run with every baseline; returns (out folder, results, printed text)."""
     out = tmp_path_factory.mktemp("bench") / "out"
     argv = ["bench", str(clips), "--out", str(out), "--model", str(tiny_model)]
+    # DNSMOS (up to 2.6 s a short clip) on the references only; ViSQOL scores every system.
+    argv += ["--dnsmos", "orig*"]
     printed = _run_cli([*argv, "--baselines", "codec2,opus,oracle"])
     return out, json.loads((out / "results.json").read_text()), printed
 
@@ -112,11 +115,12 @@ def expected_systems() -> list[str]:
 def test_bench_runs_every_system_on_every_clip(bench_run):
     out, results, printed = bench_run
     systems = [row["system"] for row in results["summary"]]
-    assert systems == expected_systems()
+    assert systems == ["original", *expected_systems()]
     assert len(results["clips"]) == len(systems) * 2
     for row in results["clips"]:
         assert (out / row["audio"]).is_file()
-        assert row["rtf_encode"] > 0 and row["rtf_decode"] > 0
+        if row["system"] != "original":
+            assert row["rtf_encode"] > 0 and row["rtf_decode"] > 0
     for name in systems:
         assert name in printed
     assert f"report: {out / 'report.html'}" in printed
@@ -141,11 +145,12 @@ def test_failed_metrics_are_recorded_and_counted(silent_run):
     silent = next(r for r in results["clips"] if r["clip"] == "silence")
     assert silent["pesq_wb"] == {"error": "reference is silent"}
     assert isinstance(next(r for r in results["clips"] if r["clip"] == "one")["stoi"], float)
-    (row,) = results["summary"]
+    original, row = results["summary"]
+    assert original["system"] == "original" and original["pesq_wb_failed"] == 1
     assert row["pesq_wb_failed"] == 1 and isinstance(row["pesq_wb"], float)
     assert row["pesq_wb_std"] >= 0 and "stoi_failed" in row
     with open(out / "results.csv", newline="") as f:
-        (table,) = list(csv.DictReader(f))
+        _, table = list(csv.DictReader(f))
     assert table["system"] == "vqkit-0.50k" and float(table["pesq_wb"]) == row["pesq_wb"]
     with open(out / "clips.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -155,7 +160,8 @@ def test_failed_metrics_are_recorded_and_counted(silent_run):
 
 def test_missing_tools_are_reported_not_fatal(silent_run):
     out, results = silent_run
-    assert [r["system"] for r in results["summary"]] == ["vqkit-0.50k"]  # most stages in 0.6
+    systems = [r["system"] for r in results["summary"]]
+    assert systems == ["original", "vqkit-0.50k"]  # most stages in 0.6
     assert {s["system"] for s in results["skipped"]} == {"codec2", "opus"}
     assert results["tools"]["c2enc"] is None
     page = (out / "report.html").read_text()
@@ -163,6 +169,23 @@ def test_missing_tools_are_reported_not_fatal(silent_run):
     # The model is a run: the report plots its metrics.jsonl.
     assert results["model"]["run"] == str(out.parent / "run")
     assert '<img src="plots/training.png"' in page and (out / "plots" / "training.png").is_file()
+
+
+def test_visqol_scores_every_system_and_dnsmos_those_asked(bench_run):
+    out, results, printed = bench_run
+    summary = {row["system"]: row for row in results["summary"]}
+    if perceptual.missing():  # without the eval extra the columns say so
+        assert summary["original"]["visqol_error"].startswith("not installed")
+        assert "not installed" in printed
+        return
+    assert all(isinstance(row["visqol"], float) for row in summary.values())
+    assert summary["original"]["visqol"] > summary["vqkit-0.50k"]["visqol"] + 1
+    for key in perceptual.DNSMOS_KEYS:
+        assert isinstance(summary["original"][key], float)
+        assert summary["vqkit-0.50k"][key] is None  # not asked for: not computed
+    assert "DNSMOS on: orig*" in results["scoring"]
+    page = (out / "report.html").read_text()
+    assert "<th>ViSQOL</th>" in page and "<th>DNSMOS P.808</th>" in page
 
 
 def test_codebook_usage_covers_every_stage(bench_run):

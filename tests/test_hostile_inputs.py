@@ -350,6 +350,6 @@ def test_bench_keeps_clips_whose_names_clean_up_alike_apart(odd_bench):
     files = {name: results["files"][name] for name in ("a_b", "a_b-2", "a_b-3")}
     assert files == {"a_b": "a b.wav", "a_b-2": "a_b.flac", "a_b-3": "a_b.wav"}
     audio = [r["audio"] for r in results["clips"] if r["audio"]]
-    assert len(audio) == len(set(audio)) == 2 * 6  # the model and the oracle, six clips
+    assert len(audio) == len(set(audio)) == 3 * 6  # the original, the model, the oracle; six clips
     levels = [np.abs(sf.read(out / "audio" / f"{n}--original.wav")[0]).max() for n in files]
     assert levels[0] < levels[2] < levels[1]  # each its own file: scaled 1/4, 3/4, 2/4

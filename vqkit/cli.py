@@ -149,8 +149,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             model=args.model,
             bitrates=bitrates,
             baselines=_csv(args.baselines),
+            dnsmos={"all": None, "none": []}.get(args.dnsmos, _csv(args.dnsmos)),
         )
     _print_bench(results, args.out)
+    return 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from vqkit.eval.listen import listen
+
+    systems = _csv(args.systems) if args.systems else None
+    print(listen(args.bench_out, systems=systems, ratings=args.ratings))
     return 0
 
 
@@ -379,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1, as the tools use)"
     )
+    p.add_argument(
+        "--dnsmos",
+        default="all",
+        help="systems DNSMOS scores (1.2 s CPU a clip): all, none or names/patterns (original)",
+    )
+
+    p = verb("listen", cmd_listen, "a blind MUSHRA listening test of a bench, or its results")
+    p.add_argument("bench_out", type=Path, help="folder written by vqkit bench")
+    p.add_argument("--systems", help="comma-separated systems to test (default: all)")
+    p.add_argument("--ratings", nargs="+", type=Path, help="aggregate these downloaded results")
 
     p = verb("demo", cmd_demo, "run the shipped model and the baselines on the bundled sample")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder")

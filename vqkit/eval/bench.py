@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import io
 import os
 import platform
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from vqkit.audio.io import fix_length, read_audio, resample, write_audio
 from vqkit.errors import VqkitError
-from vqkit.eval import metrics
+from vqkit.eval import metrics, perceptual
 from vqkit.eval.baselines import (
     BASELINES,
     CODEC2_MAX_LAG,
@@ -45,15 +46,24 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 NB_RATE = 8000
 SUMMARY_KEYS = ("kbps", "kbps_file", "pesq_nb", "pesq_wb", "stoi", "lsd_db", "rtf_encode")
 SUMMARY_KEYS += ("rtf_decode", "mel_db", "sd_mel_db2", "sd_ratek_db2", "si_sdr_db")
+SUMMARY_KEYS += perceptual.PERCEPTUAL_KEYS
 METRIC_KEYS = (*SUMMARY_KEYS, "mse")  # every key a clip row scores
-TABLE_KEYS = ("kbps", "pesq_nb", "pesq_wb", "stoi", "lsd_db", "rtf_encode", "rtf_decode")
+TABLE_KEYS = ("kbps", "pesq_nb", "pesq_wb", "stoi", "visqol", "dnsmos_ovrl", "lsd_db")
+TABLE_KEYS += ("rtf_encode", "rtf_decode")
+ORIGINAL = "original"  # the row of the references themselves: each metric's ceiling
+# DNSMOS costs about 1.2 s of CPU a clip (ViSQOL 0.12 s): the demo, which should take about a
+# minute, runs it on the references and the systems its README table compares only.
+DEMO_DNSMOS = ("original", "vqkit-1.20k", "vqkit-3.20k", "codec2-1200", "codec2-3200", "opus-8k")
 SCORING = (
     "Reference: each clip at {rate} Hz. Narrow-band systems ({nb}) are scored with PESQ-NB and "
     "STOI at 8 kHz, and with PESQ-WB and the spectral distances on their output upsampled to "
     "{rate} Hz (so their empty upper band counts); the others with PESQ-NB on their output "
     "downsampled to 8 kHz and everything else at {rate} Hz. kbps counts the codec payload (Ogg "
     "pages and file headers excluded), kbps_file the whole file. Real-time factors are seconds "
-    "per second of audio, torch on {threads} thread(s)."
+    "per second of audio, torch on {threads} thread(s). ViSQOL (v3, speech mode, lattice "
+    "mapper) and DNSMOS (P.835 SIG/BAK/OVRL and P.808) score every output resampled to 16 kHz "
+    "(DNSMOS needs no reference; its 'original' row is the references' own score); DNSMOS on: "
+    "{dnsmos}."
 )
 
 
@@ -68,9 +78,12 @@ def list_clips(audio_dir: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def score(ref: np.ndarray, rate: int, output: Output, narrowband: bool) -> dict[str, Any]:
-    """All metrics of one output against its reference ``ref`` ``(T,)`` at ``rate``; a metric
-    that fails is recorded as ``{"error": reason}``."""
+def score(
+    ref: np.ndarray, rate: int, output: Output, narrowband: bool, dnsmos: bool = True
+) -> dict[str, Any]:
+    """All metrics of one output against its reference ``ref`` ``(T,)`` at ``rate``, the output
+    first resampled to ``rate`` and cut to the reference's length; a metric that fails is
+    recorded as ``{"error": reason}``, DNSMOS as None unless ``dnsmos``."""
     ref_nb = resample(ref, rate, NB_RATE)
     deg = fix_length(resample(output.wave, output.sample_rate, rate), ref.shape[0])
     deg_nb = output.wave if output.sample_rate == NB_RATE else resample(deg, rate, NB_RATE)
@@ -85,7 +98,35 @@ def score(ref: np.ndarray, rate: int, output: Output, narrowband: bool) -> dict[
         **metrics.spectral_distances(ref, deg, rate),
         "si_sdr_db": t(metrics.si_sdr, ref, deg),
         "mse": t(metrics.mse, ref, deg),
+        **perceptual.perceptual_scores(ref, deg, rate, dnsmos=dnsmos),
     }
+
+
+def _original_rows(
+    clips: list[tuple[str, np.ndarray]], rate: int, dnsmos: bool
+) -> list[dict[str, Any]]:
+    """The references scored against themselves (PESQ, STOI, ViSQOL) and alone (DNSMOS): each
+    metric's ceiling on these clips. Distances are left out (trivially zero)."""
+    rows = []
+    for name, ref in clips:
+        ref_nb = resample(ref, rate, NB_RATE)
+        row: dict[str, Any] = {"system": ORIGINAL, "family": ORIGINAL, "clip": name}
+        row.update(dict.fromkeys(METRIC_KEYS), duration_s=ref.shape[0] / rate)
+        row.update(
+            pesq_nb=metrics.try_metric(metrics.pesq_nb, ref_nb, ref_nb, NB_RATE),
+            pesq_wb=metrics.try_metric(metrics.pesq_wb, ref, ref, rate),
+            stoi=metrics.try_metric(metrics.stoi, ref, ref, rate),
+            **perceptual.perceptual_scores(ref, ref, rate, dnsmos=dnsmos),
+            audio=f"audio/{name}--{ORIGINAL}.wav",
+        )
+        rows.append(row)
+    return rows
+
+
+def wants_dnsmos(system: str, patterns: Sequence[str] | None) -> bool:
+    """Whether DNSMOS scores ``system``: every system when ``patterns`` is None, else those
+    matching one of the shell-style ``patterns`` ("vqkit-*", "original")."""
+    return patterns is None or any(fnmatch.fnmatchcase(system, p) for p in patterns)
 
 
 def _run_clips(
@@ -115,7 +156,13 @@ def _run_clips(
 
 
 def _clip_row(
-    system: System, name: str, ref: np.ndarray, rate: int, out: Output | str, audio: str | None
+    system: System,
+    name: str,
+    ref: np.ndarray,
+    rate: int,
+    out: Output | str,
+    audio: str | None,
+    dnsmos: bool,
 ) -> dict[str, Any]:
     seconds = ref.shape[0] / rate
     row: dict[str, Any] = {"system": system.name, "family": system.family, "clip": name}
@@ -130,7 +177,7 @@ def _clip_row(
     row.update(kbps=kbps(out.payload_bytes), kbps_file=kbps(out.n_bytes))
     row.update(rtf_encode=out.encode_seconds / seconds, rtf_decode=out.decode_seconds / seconds)
     try:
-        row.update(score(ref, rate, out, system.narrowband))
+        row.update(score(ref, rate, out, system.narrowband, dnsmos))
     except (ValueError, RuntimeError, VqkitError) as e:  # too short to compare, say
         scores = [k for k in METRIC_KEYS if not k.startswith(("kbps", "rtf"))]
         row.update(dict.fromkeys(scores, {"error": str(e) or type(e).__name__}))
@@ -140,16 +187,20 @@ def _clip_row(
 
 def summarise_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per system (in first-seen order): for each key its mean, ``_std`` and, where some
-    clips failed, ``_failed`` (the count)."""
+    clips failed, ``_failed`` (the count) and, where all failed for one reason, ``_error``."""
     summary = []
     for system in dict.fromkeys(r["system"] for r in rows):
         mine = [r for r in rows if r["system"] == system]
         row: dict[str, Any] = {"system": system, "family": mine[0]["family"], "clips": len(mine)}
         for key in SUMMARY_KEYS:
-            stats = metrics.summarise([r[key] for r in mine])
+            scores = [r.get(key) for r in mine]
+            stats = metrics.summarise(scores)
             row[key], row[f"{key}_std"] = stats["mean"], stats["std"]
             if stats["n_failed"]:
                 row[f"{key}_failed"] = stats["n_failed"]
+            reasons = {s["error"] for s in scores if metrics.is_failed(s)}
+            if stats["n"] == 0 and len(reasons) == 1:
+                row[f"{key}_error"] = reasons.pop()
         summary.append(row)
     return summary
 
@@ -212,11 +263,13 @@ def _run_all(
     rate: int,
     out: Path,
     progress: bool,
+    dnsmos: Sequence[str] | None,
 ) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, list[Output | str]]]:
-    """Run and score every system on every clip, writing each output to ``OUT/audio``.
+    """Score the references, then run and score every system on every clip (DNSMOS where
+    ``dnsmos`` asks), writing each output to ``OUT/audio``.
 
     Returns the clip rows, the delays removed per system, and the outputs per system."""
-    rows, delays, outputs = [], {}, {}
+    rows, delays, outputs = _original_rows(clips, rate, wants_dnsmos(ORIGINAL, dnsmos)), {}, {}
     with tqdm(
         total=len(systems) * len(clips), desc="bench", unit="run", disable=not progress
     ) as bar:
@@ -230,7 +283,8 @@ def _run_all(
                 if isinstance(output, Output):
                     audio = f"audio/{name}--{_safe(system.name)}.wav"
                     write_audio(out / audio, output.wave, output.sample_rate)
-                rows.append(_clip_row(system, name, wave, rate, output, audio))
+                wanted = wants_dnsmos(system.name, dnsmos)
+                rows.append(_clip_row(system, name, wave, rate, output, audio, wanted))
                 bar.update(1)
     return rows, delays, outputs
 
@@ -243,16 +297,18 @@ def run_bench(
     bitrates: Sequence[float] | None = None,
     baselines: Sequence[str] = BASELINES,
     progress: bool = True,
+    dnsmos: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the model at ``bitrates`` (default: all it offers) and the ``baselines`` on every clip
     of ``audio_dir``; write ``OUT/results.json``, ``results.csv`` (summary), ``clips.csv``,
-    ``audio/`` and ``report.html``. Returns the results as written.
+    ``audio/`` and ``report.html``. Returns the results as written. DNSMOS scores the systems
+    ``dnsmos`` names (see :func:`wants_dnsmos`; None: all), ViSQOL every one.
 
     The model runs on the caller's torch threads (``vqkit bench`` sets ``--threads``, default 1,
     which makes its real-time factors comparable with the single-threaded Codec 2 and Opus).
     """
     check_output(out, audio_dir, *([] if os.fspath(model) == "default" else [model]))
-    return _bench(Path(audio_dir), Path(out), model, bitrates, baselines, progress)
+    return _bench(Path(audio_dir), Path(out), model, bitrates, baselines, progress, dnsmos)
 
 
 def _bench(
@@ -262,6 +318,7 @@ def _bench(
     bitrates: Sequence[float] | None,
     baselines: Sequence[str],
     progress: bool,
+    dnsmos: Sequence[str] | None,
 ) -> dict[str, Any]:
     from vqkit.codec.codec import load_codec
     from vqkit.eval.report import write_report
@@ -280,7 +337,7 @@ def _bench(
         systems[0].warm_up(rate)
     extra, skipped = make_baselines(list(baselines), codec)
     narrowband = ", ".join(dict.fromkeys(s.family for s in extra if s.narrowband)) or "none"
-    rows, delays, outputs = _run_all([*systems, *extra], clips, rate, out, progress)
+    rows, delays, outputs = _run_all([*systems, *extra], clips, rate, out, progress, dnsmos)
     top = max(systems, key=lambda s: s.kbps, default=None)
     codes = [o.codes for o in outputs.get(top.name if top else "", []) if isinstance(o, Output)]
     results = {
@@ -288,7 +345,12 @@ def _bench(
         "version": 1,
         "audio_dir": str(audio_dir.resolve()),
         "sample_rate": rate,
-        "scoring": SCORING.format(rate=rate, nb=narrowband, threads=torch.get_num_threads()),
+        "scoring": SCORING.format(
+            rate=rate,
+            nb=narrowband,
+            threads=torch.get_num_threads(),
+            dnsmos="every system" if dnsmos is None else ", ".join(dnsmos) or "none",
+        ),
         "model": _model_info(codec, model),
         "tools": {t: shutil.which(t) for t in ("c2enc", "c2dec", "opusenc", "opusdec")},
         "skipped": skipped,
@@ -350,7 +412,7 @@ def format_table(summary: list[dict[str, Any]]) -> str:
     def cell(row: dict[str, Any], key: str) -> str:
         mean, std = row.get(key), row.get(f"{key}_std")
         if mean is None:
-            return "-"
+            return metrics.failure_label(row.get(f"{key}_error"))
         digits = 4 if key.startswith("rtf") else 3 if key == "stoi" else 2
         text = f"{mean:.{digits}f}±{std:.{digits}f}" if key != "kbps" else f"{mean:.2f}"
         return text + (f" ({row[f'{key}_failed']} failed)" if row.get(f"{key}_failed") else "")
@@ -373,4 +435,4 @@ def demo(out: str | os.PathLike = "demo-out", *, progress: bool = True) -> dict[
     sample = Path(str(importlib.resources.files("vqkit") / "assets" / "sample"))
     if not sample.is_dir():
         raise VqkitError(f"the bundled speech sample is missing ({sample}); reinstall vqkit")
-    return run_bench(sample, out, model="default", progress=progress)
+    return run_bench(sample, out, model="default", progress=progress, dnsmos=DEMO_DNSMOS)

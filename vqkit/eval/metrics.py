@@ -211,6 +211,14 @@ def is_failed(score: Any) -> bool:
     return isinstance(score, dict) and "error" in score
 
 
+def failure_label(error: str | None) -> str:
+    """A table cell for a metric no clip could score: "not installed" (an optional package is
+    missing), "failed" (see the reason in the results), or "-" (not computed)."""
+    if error is None:
+        return "-"
+    return "not installed" if error.startswith("not installed") else "failed"
+
+
 def summarise(scores: Sequence[Score]) -> dict[str, float | int | None]:
     """Mean and (population) std of the numeric scores; failures are skipped and counted."""
     values = np.array([s for s in scores if not is_failed(s) and s is not None], dtype=np.float64)

@@ -17,16 +17,24 @@ import torch
 from vqkit.audio.io import read_audio
 from vqkit.audio.stft import stft
 from vqkit.errors import VqkitError
+from vqkit.eval import metrics
 from vqkit.files import atomic_path, atomic_write_bytes, new_figure, save_figure
 from vqkit.run import RunFolder
 
 QUALITY_KEYS = (("pesq_nb", "PESQ-NB"), ("pesq_wb", "PESQ-WB"), ("stoi", "STOI"))
+QUALITY_KEYS += (("visqol", "ViSQOL (MOS-LQO)"), ("dnsmos_ovrl", "DNSMOS OVRL"))
+LINES = {"original": ("-", "black"), "oracle": ("--", "grey")}  # systems without a bitstream
 TABLE_KEYS = (
     ("kbps", "kbit/s", 2),
     ("kbps_file", "kbit/s file", 2),
     ("pesq_nb", "PESQ-NB", 2),
     ("pesq_wb", "PESQ-WB", 2),
     ("stoi", "STOI", 3),
+    ("visqol", "ViSQOL", 2),
+    ("dnsmos_sig", "DNSMOS SIG", 2),
+    ("dnsmos_bak", "DNSMOS BAK", 2),
+    ("dnsmos_ovrl", "DNSMOS OVRL", 2),
+    ("dnsmos_p808", "DNSMOS P.808", 2),
     ("lsd_db", "LSD dB", 2),
     ("mel_db", "mel dB", 2),
     ("si_sdr_db", "SI-SDR dB", 1),
@@ -68,23 +76,34 @@ def _save(figure: Any, path: Path) -> None:
 
 
 def plot_quality(summary: list[dict[str, Any]], path: Path) -> None:
-    """PESQ-NB, PESQ-WB and STOI against measured kbit/s, one line per system family; systems
-    without a bitstream (the oracle) are drawn as horizontal dashed lines."""
-    figure = _figure(14, 4.2)
+    """One panel per metric of ``QUALITY_KEYS`` against measured kbit/s, one curve per system
+    family; systems without a bitstream (the original, the oracle) are horizontal lines. A
+    metric no system scored leaves its panel empty, titled with the reason."""
+    figure = _figure(14, 8)
+    families = list(dict.fromkeys(r["family"] for r in summary))
+    colours = {f: f"C{i}" for i, f in enumerate(f for f in families if f not in LINES)}
     for i, (key, label) in enumerate(QUALITY_KEYS):
-        axes = figure.add_subplot(1, len(QUALITY_KEYS), i + 1)
-        for family in dict.fromkeys(r["family"] for r in summary):
+        axes = figure.add_subplot(2, 3, i + 1)
+        for family in families:
             rows = [r for r in summary if r["family"] == family and r.get(key) is not None]
             points = sorted((r["kbps"], r[key]) for r in rows if r.get("kbps") is not None)
             if points:
-                axes.plot(*zip(*points, strict=True), "o-", label=family, markersize=4)
+                x, y = zip(*points, strict=True)
+                axes.plot(x, y, "o-", color=colours.get(family), label=family, markersize=4)
             for row in (r for r in rows if r.get("kbps") is None):
-                axes.axhline(row[key], linestyle="--", color="grey", label=row["system"])
+                style, colour = LINES.get(family, (":", colours.get(family)))
+                axes.axhline(row[key], linestyle=style, color=colour, label=row["system"])
+        if not axes.get_lines():
+            reason = next((r[f"{key}_error"] for r in summary if r.get(f"{key}_error")), None)
+            axes.set_title(metrics.failure_label(reason), fontsize=9)
         axes.set_xlabel("measured kbit/s (payload)")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
-        if i == 0 and axes.get_lines():
-            axes.legend(fontsize=8)
+    legend = figure.add_subplot(2, 3, 6)
+    legend.axis("off")
+    handles = {h.get_label(): h for a in figure.axes for h in a.get_lines()}
+    if handles:
+        legend.legend(list(handles.values()), list(handles), loc="center", fontsize=10)
     _save(figure, path)
 
 
@@ -169,7 +188,7 @@ def _training_plot(model: dict[str, Any], plots: Path) -> str | None:
 def _cell(row: dict[str, Any], key: str, digits: int) -> str:
     mean = row.get(key)
     if mean is None:
-        return "-"
+        return metrics.failure_label(row.get(f"{key}_error"))
     text = f"{mean:.{digits}f}"
     if row.get(f"{key}_std") is not None and not key.startswith("kbps"):
         text += f" ± {row[f'{key}_std']:.{digits}f}"
@@ -192,7 +211,11 @@ def _summary_table(summary: list[dict[str, Any]]) -> str:
 def _players(clip: str, rows: list[dict[str, Any]]) -> str:
     """A table of audio players for one clip: the original, then every system."""
     items = [("original", f"audio/{clip}--original.wav")]
-    items += [(r["system"], r["audio"]) for r in rows if r["clip"] == clip and r.get("audio")]
+    items += [
+        (r["system"], r["audio"])
+        for r in rows
+        if r["clip"] == clip and r.get("audio") and r["family"] != "original"
+    ]
     cells = "".join(
         f'<tr><td>{html.escape(name)}</td><td><audio controls preload="metadata" '
         f'src="{html.escape(src)}"></audio></td></tr>'
@@ -209,7 +232,11 @@ def _clip_section(out: Path, clip: str, results: dict[str, Any]) -> str:
     image = f"plots/spectrogram--{clip}.png"
     try:
         waves = [("original", read_audio(out / "audio" / f"{clip}--original.wav", rate)[0])]
-        waves += [(r["system"], read_audio(out / r["audio"], rate)[0]) for r in rows if r["audio"]]
+        waves += [
+            (r["system"], read_audio(out / r["audio"], rate)[0])
+            for r in rows
+            if r["audio"] and r["family"] != "original"
+        ]
         plot_spectrograms(waves, rate, out / image)
         picture = f'<img src="{html.escape(image)}" alt="spectrograms of {html.escape(clip)}">'
     except (ValueError, RuntimeError, VqkitError) as e:
@@ -245,6 +272,26 @@ def _notes(results: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _listening(out: Path) -> str:
+    """The listening test's section: a link to the test (``vqkit listen``) and, once ratings
+    are aggregated, its results; empty when there is no test."""
+    if not (out / "listen" / "index.html").is_file():
+        return ""
+    parts = [
+        "<h2>Listening test (MUSHRA, ITU-R BS.1534)</h2>",
+        '<p><a href="listen/index.html">the blind listening test</a>: send the folder '
+        "<code>listen/</code> to listeners, then <code>vqkit listen BENCH_OUT --ratings "
+        "FILE...</code>.</p>",
+    ]
+    if (out / "listen" / "listening.png").is_file():
+        parts.append(
+            '<p><a href="listen/listening.csv">listening.csv</a> (mean and 95 % confidence '
+            'interval per condition, after post-screening)</p><img src="listen/listening.png" '
+            'alt="listening test results">'
+        )
+    return "".join(parts)
+
+
 def write_report(out: str | Path, results: dict[str, Any]) -> Path:
     """Write ``OUT/report.html`` and its plots from bench ``results``; the audio it links to
     must already be in ``OUT/audio``. Returns the report's path."""
@@ -275,6 +322,7 @@ def write_report(out: str | Path, results: dict[str, Any]) -> Path:
             "<h2>Codebook usage on these clips (highest bitrate)</h2>"
             '<img src="plots/codebook.png" alt="codebook usage">'
         )
+    sections.append(_listening(out))
     sections.append("<h2>Clips</h2>")
     for clip in dict.fromkeys(r["clip"] for r in results["clips"]):
         sections.append(_clip_section(out, clip, results))

@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 from conftest import TINY_RVQ_CODEC, save_random_codec, synth_utterance
 
+import vqkit
 import vqkit.audio.io
 import vqkit.codec.codec
 from vqkit.audio.frontends import make_frontend
@@ -24,6 +25,7 @@ from vqkit.codec.codefile import FORMAT_VERSION, EncodedAudio
 from vqkit.codec.stream import crossfade, synthesise_chunked
 from vqkit.config import Config, FeatureConfig, load_config, replace
 from vqkit.errors import VqkitError
+from vqkit.eval.metrics import active_level_db
 
 RATE = 8000
 N_BINS = 65  # n_fft 128
@@ -289,12 +291,29 @@ def test_memory_does_not_grow_with_duration(tmp_path: Path, model_path: Path, mo
     assert peaks[1] < 1.3 * peaks[0]
 
 
-def test_postfilter_stretches_each_frame_about_its_mean() -> None:
+def test_postfilter_stretches_each_frame_and_keeps_its_power() -> None:
     x = torch.randn(2, 9, 5) * 10 - 40
-    assert torch.equal(postfilter(x, 1.0), x)
-    y = postfilter(x, 1.5)
-    assert torch.allclose(y.mean(dim=1), x.mean(dim=1), atol=1e-4)
+    widths = torch.rand(9) + 0.5
+    assert torch.equal(postfilter(x, 1.0, widths), x)
     deviation = x - x.mean(dim=1, keepdim=True)
-    assert torch.allclose(y - y.mean(dim=1, keepdim=True), 1.5 * deviation, atol=1e-4)
+    for bandwidths, weights in ((widths, widths), (None, torch.ones(9))):
+        y = postfilter(x, 1.5, bandwidths)
+        assert torch.allclose(y - y.mean(dim=1, keepdim=True), 1.5 * deviation, atol=1e-4)
+        power = (weights[:, None] * 10 ** (y / 10)).sum(1)
+        assert torch.allclose(power, (weights[:, None] * 10 ** (x / 10)).sum(1), rtol=1e-4)
     with pytest.raises(VqkitError, match="postfilter must be positive"):
         postfilter(x, 0.0)
+
+
+@pytest.mark.parametrize("bitrate", [1.2, None])
+def test_default_codec_keeps_the_level_of_the_bundled_clips(bitrate: float | None) -> None:
+    """Decoded speech within 1 dB of the input's active-speech level, and no clipping."""
+    codec = load_codec("default")
+    clips = sorted((Path(vqkit.__file__).parent / "assets" / "sample").glob("*.flac"))
+    assert len(clips) == 4
+    for path in clips:
+        wave, rate = vqkit.audio.io.read_audio(path)
+        decoded = codec.decode(codec.encode(wave, rate, bitrate))
+        difference = active_level_db(decoded, rate) - active_level_db(wave, rate)
+        assert abs(difference) < 1.0, f"{path.name}: {difference:+.2f} dB"
+        assert np.abs(wave).max() < 1.0 and np.abs(decoded).max() < 1.0  # nothing clips

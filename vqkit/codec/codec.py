@@ -74,6 +74,8 @@ class Codec:
         self.n_codebooks = model.bottleneck.n_codebooks
         self.codebook_size = model.bottleneck.codebook_size
         self.parametric = isinstance(self.frontend, EnvelopeFrontend)
+        # the width in Hz each envelope point stands for, so the post-filter keeps the power
+        self.bandwidths = self.frontend.spacing if self.parametric else None
         # pitch and voicing codebooks, stored before the envelope stages
         self.side = side_codebooks(self.downsample) if self.parametric else ()
         seconds = config.codec.chunk_seconds if chunk_seconds is None else chunk_seconds
@@ -256,7 +258,7 @@ class Codec:
                 x_hat = self.model.decode(envelope[None])
                 no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
                 x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
-                x_hat = postfilter(x_hat, self.config.codec.postfilter)
+                x_hat = postfilter(x_hat, self.config.codec.postfilter, self.bandwidths)
                 if self.parametric:  # F0 and voicing become the last two rows
                     f0, voiced = pitch_from_codes(side[None], d, x_hat.shape[-1])
                     x_hat = torch.cat([x_hat, f0, voiced])

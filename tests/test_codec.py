@@ -112,7 +112,7 @@ def test_chunked_decoding_equals_whole(checkpoint: Checkpoint, speech: np.ndarra
     chunked, whole = Codec(checkpoint, chunk_seconds=0.05), Codec(checkpoint, WHOLE)
     encoded = whole.encode(speech, RATE)
     codes = torch.from_numpy(encoded.codes.astype(np.int64))
-    parts = list(chunked._decode_features(encoded.codes, encoded.n_frames))
+    parts = list(chunked._decode_features(encoded.codes, encoded.n_frames, "", 0))  # no side
     assert len(parts) == math.ceil(codes.shape[1] / chunked.chunk_codes) > 5
     x_hat = whole.model.decode(codes[None], length=encoded.n_frames)
     reference = whole.normaliser.denormalise(x_hat, x_hat.new_zeros(1, 0))[0]

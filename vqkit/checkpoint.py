@@ -130,8 +130,12 @@ def model_id(weights: dict[str, Tensor], config: Config) -> str:
     """A short content hash of the network's weights and the config: 16 hex digits of sha256.
 
     The normaliser's statistics are left out, as they were when they travelled beside the weights,
-    so that the ids of models saved before (the shipped one among them) stay what they were."""
-    digest = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode())
+    so that the ids of models saved before (the shipped one among them) stay what they were. So is
+    ``codec.side_coding``: it only steers the encoder, files record which coding they hold, and a
+    model decodes them all, so switching it must not orphan the files already made."""
+    values = config_to_dict(config)
+    del values["codec"]["side_coding"]
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
     for name in sorted(k for k in weights if not k.startswith(NORMALISER_PREFIX)):
         tensor = weights[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

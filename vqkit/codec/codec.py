@@ -44,7 +44,7 @@ from vqkit.audio.io import (
 from vqkit.audio.synthesis import make_synthesiser, postfilter
 from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.codec.codefile import EncodedAudio, bits_per_code, read_code_file
-from vqkit.codec.side import pitch_codes, pitch_from_codes, side_codebooks
+from vqkit.codec.side import side_codebooks, side_codes, side_coding_of, side_from_codes
 from vqkit.codec.stream import synthesise_chunked
 from vqkit.config import Config
 from vqkit.errors import VqkitError, shown
@@ -76,8 +76,10 @@ class Codec:
         self.parametric = isinstance(self.frontend, EnvelopeFrontend)
         # the width in Hz each envelope point stands for, so the post-filter keeps the power
         self.bandwidths = self.frontend.spacing if self.parametric else None
-        # pitch and voicing codebooks, stored before the envelope stages
-        self.side = side_codebooks(self.downsample) if self.parametric else ()
+        # pitch and voicing codebooks of the files this codec writes, before the envelope stages;
+        # it reads files of every side coding (their rows say which)
+        self.side_coding = config.codec.side_coding
+        self.side = side_codebooks(self.downsample, self.side_coding) if self.parametric else ()
         seconds = config.codec.chunk_seconds if chunk_seconds is None else chunk_seconds
         self.chunk_codes = max(1, round(seconds * self.frame_rate))  # code frames per chunk
 
@@ -96,6 +98,14 @@ class Codec:
     def codebook_sizes(self, n_stages: int) -> tuple[int, ...]:
         """Codebook sizes of the code rows in a file with ``n_stages`` envelope stages."""
         return self.side + (self.codebook_size,) * n_stages
+
+    def side_layout(self, encoded: EncodedAudio) -> tuple[str | None, tuple[int, ...]]:
+        """The side coding of ``encoded``'s first rows and their codebook sizes: ``("", ())``
+        for a spectrogram model, ``(None, ())`` when the rows fit no coding."""
+        if not self.parametric:
+            return "", ()
+        coding = side_coding_of(encoded.codebook_sizes, self.downsample)
+        return coding, () if coding is None else side_codebooks(self.downsample, coding)
 
     def n_stages(self, bitrate: float | None) -> int:
         """The most stages whose bitrate is at most ``bitrate`` kbit/s (all when None)."""
@@ -187,7 +197,8 @@ class Codec:
         synthesiser = make_synthesiser(self.config.codec, self.frontend, iters)
         window = self.chunk_codes * self.downsample
         overlap = max(2, min(2 * math.ceil(self.frontend.n_fft / hop), window // 2))
-        features = self._decode_features(encoded.codes, n_frames)
+        coding, side = self.side_layout(encoded)
+        features = self._decode_features(encoded.codes, n_frames, coding, len(side))
         scale = np.float32(10 ** (-encoded.gain_db / 20))
         waves = synthesise_chunked(synthesiser, features, n_frames, length, window, overlap)
         waves = (wave * scale for wave in waves)
@@ -237,7 +248,8 @@ class Codec:
             x = self.normaliser.normalise(features[..., frames])
             codes = self.model.encode(x, n_stages)[0]  # (Q, L)
             if self.parametric:  # the pitch and voicing rows go first
-                codes = torch.cat([pitch_codes(f0[:, frames], voiced[:, frames], d)[0], codes])
+                side = side_codes(f0[:, frames], voiced[:, frames], d, self.side_coding)
+                codes = torch.cat([side[0], codes])
             # uint16 at once (codebooks hold at most 65536 codes): a quarter of int64's memory
             chunks.append(
                 codes[:, start - first // d : stop - first // d].numpy().astype(np.uint16)
@@ -245,22 +257,25 @@ class Codec:
             start = stop
         return np.concatenate(chunks, axis=1), total
 
-    def _decode_features(self, codes: np.ndarray, n_frames: int) -> Iterator[Tensor]:
-        """Features in dB ``(F, N_i)`` of codes ``(Q, N')`` (uint16), chunk by chunk,
-        ``n_frames`` in all. Each chunk's codes become int64 only when it is decoded."""
+    def _decode_features(
+        self, codes: np.ndarray, n_frames: int, coding: str | None, n_side: int
+    ) -> Iterator[Tensor]:
+        """Features in dB ``(F, N_i)`` of codes ``(Q, N')`` (uint16) whose first ``n_side`` rows
+        are side codes in ``coding``, chunk by chunk, ``n_frames`` in all. Each chunk's codes
+        become int64 only when it is decoded."""
         d, margin, n_codes = self.downsample, self.margins[1], codes.shape[1]
         for start in range(0, n_codes, self.chunk_codes):
             stop = min(start + self.chunk_codes, n_codes)
             first, last = max(0, start - margin), min(n_codes, stop + margin)
             chunk = torch.from_numpy(codes[:, first:last].astype(np.int64))
-            side, envelope = chunk[: len(self.side)], chunk[len(self.side) :]
+            side, envelope = chunk[:n_side], chunk[n_side:]
             with torch.inference_mode():
                 x_hat = self.model.decode(envelope[None])
                 no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
                 x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
                 x_hat = postfilter(x_hat, self.config.codec.postfilter, self.bandwidths)
                 if self.parametric:  # F0 and voicing become the last two rows
-                    f0, voiced = pitch_from_codes(side[None], d, x_hat.shape[-1])
+                    f0, voiced = side_from_codes(side[None], d, x_hat.shape[-1], coding)
                     x_hat = torch.cat([x_hat, f0, voiced])
             yield x_hat[:, (start - first) * d : min(stop * d, n_frames) - first * d]
 
@@ -271,10 +286,13 @@ class Codec:
                 f"({self.model_id}): decode with the --model it was encoded with"
             )
         expected = math.ceil(encoded.n_frames / self.downsample)
+        coding, side = self.side_layout(encoded)
+        n_stages = encoded.n_stages - len(side)
         if (
             (encoded.sample_rate, encoded.hop_length) != (self.sample_rate, self.hop_length)
-            or not len(self.side) < encoded.n_stages <= len(self.side) + self.n_codebooks
-            or encoded.codebook_sizes != self.codebook_sizes(encoded.n_stages - len(self.side))
+            or coding is None
+            or not 0 < n_stages <= self.n_codebooks
+            or encoded.codebook_sizes != side + (self.codebook_size,) * n_stages
             or encoded.codes.shape[1] != expected
         ):
             raise VqkitError(
@@ -321,7 +339,7 @@ def decode_file(
     except VqkitError as e:
         raise VqkitError(f"{input}: {e}") from None
     write_audio_blocks(output, blocks, encoded.orig_sample_rate)
-    n_stages = encoded.n_stages - len(codec.side)
+    n_stages = encoded.n_stages - len(codec.side_layout(encoded)[1])
     return f"{output}: {n_stages} stages decoded, {_rates(encoded, n_bytes)}"
 
 

@@ -25,6 +25,7 @@ from vqkit.data.cache import FeatureCache
 from vqkit.data.prepare import prepare
 from vqkit.errors import VqkitError
 from vqkit.eval.baselines import Oracle
+from vqkit.eval.metrics import active_level_db
 from vqkit.run import resolve_model
 from vqkit.train.loop import train
 
@@ -368,3 +369,16 @@ def test_joint_side_coding_fits_a_stage_more_and_old_files_decode_as_before(
         # either codec decodes either file, the same way, whatever its own setting
         np.testing.assert_array_equal(separate.decode(coded), joint.decode(coded))
     assert np.abs(joint.decode(encoded)).max() > 0.01
+
+
+def test_the_decoder_undoes_the_level_the_coded_envelope_loses(
+    model_path: Path, speech: np.ndarray
+) -> None:
+    """The random model decodes an envelope about 23 dB too quiet; the file's gain restores it."""
+    codec = load_codec(model_path)
+    encoded = codec.encode(speech, CODEC_RATE, bitrate=codec.bitrates[1])
+    assert codec.config.codec.level_db == 0 and encoded.gain_db < -10
+    level = active_level_db(speech, CODEC_RATE)
+    assert abs(active_level_db(codec.decode(encoded), CODEC_RATE) - level) < 1.0
+    uncorrected = codec.decode(dataclasses.replace(encoded, gain_db=0))
+    assert active_level_db(uncorrected, CODEC_RATE) - level < -10

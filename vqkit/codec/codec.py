@@ -3,7 +3,7 @@
 Two model families are codecs. A spectrogram model (``stft`` or ``mel`` features) codes the
 spectrogram and is heard through Griffin-Lim. A parametric model (``envelope`` features,
 :mod:`vqkit.audio.envelope`) codes the spectral envelope, and its code frames also carry pitch and
-voicing codes before the envelope stages (:func:`vqkit.audio.envelope.side_codebooks`), counted in
+voicing codes before the envelope stages (:func:`vqkit.codec.side.side_codebooks`), counted in
 the bitrate; the harmonic-plus-noise synthesiser makes the waveform.
 
 Encoding streams: audio is read in blocks, resampled to the model's rate by a streaming soxr
@@ -56,6 +56,7 @@ CodeSource = EncodedAudio | bytes | bytearray | memoryview | str | os.PathLike
 PROBE_FRAMES = 256  # first input length for measuring a network's receptive field
 MAX_PROBE_FRAMES = 16384
 MAX_LEVEL_GAIN_DB = 60  # the level normalisation never scales by more than this
+MAX_LEVEL_LOSS_DB = 40  # the level correction of decoding never scales by more than this
 
 
 class Codec:
@@ -162,7 +163,10 @@ class Codec:
 
         waves = resample_stream(counted(), sample_rate, self.sample_rate)
         with torch.inference_mode():
-            codes, n_samples = self._encode_stream(waves, n_stages)
+            codes, n_samples, power = self._encode_stream(waves, n_stages)
+        if self.parametric:  # the decoder also undoes the level the coded envelope loses
+            loss_db = 10 * math.log10(max(power[0], 1e-30) / max(power[1], 1e-30))
+            gain_db -= int(np.clip(round(loss_db), -MAX_LEVEL_LOSS_DB, MAX_LEVEL_LOSS_DB))
         return EncodedAudio(
             model_id=self.model_id,
             sample_rate=self.sample_rate,
@@ -216,9 +220,14 @@ class Codec:
         level = 10 * math.log10(max(energy / max(count, 1), 1e-12))
         return int(np.clip(round(target - level), -MAX_LEVEL_GAIN_DB, MAX_LEVEL_GAIN_DB))
 
-    def _encode_stream(self, waves: Iterator[np.ndarray], n_stages: int) -> tuple[np.ndarray, int]:
-        """Codes ``(Q, N')`` of a model-rate sample stream, chunk by chunk; and its length."""
+    def _encode_stream(
+        self, waves: Iterator[np.ndarray], n_stages: int
+    ) -> tuple[np.ndarray, int, np.ndarray]:
+        """Codes ``(Q, N')`` of a model-rate sample stream, chunk by chunk; its length; and the
+        power of its envelope and of the envelope decoded from those codes ``(2,)``
+        (:meth:`_powers`; zeros for a spectrogram model)."""
         d, hop, margin = self.downsample, self.hop_length, self.margins[0]
+        power = np.zeros(2)
         context = math.ceil(self.frontend.n_fft / 2 / hop)  # frames the STFT reaches either side
         buffer, offset, total = np.zeros(0, dtype=np.float32), 0, None
         chunks, start = [], 0
@@ -247,15 +256,28 @@ class Codec:
                 features = self.frontend(wave)
             x = self.normaliser.normalise(features[..., frames])
             codes = self.model.encode(x, n_stages)[0]  # (Q, L)
+            own = slice(start - first // d, stop - first // d)  # this chunk's code frames
             if self.parametric:  # the pitch and voicing rows go first
+                power += self._powers(features[..., frames], codes, own)
                 side = side_codes(f0[:, frames], voiced[:, frames], d, self.side_coding)
                 codes = torch.cat([side[0], codes])
             # uint16 at once (codebooks hold at most 65536 codes): a quarter of int64's memory
-            chunks.append(
-                codes[:, start - first // d : stop - first // d].numpy().astype(np.uint16)
-            )
+            chunks.append(codes[:, own].numpy().astype(np.uint16))
             start = stop
-        return np.concatenate(chunks, axis=1), total
+        return np.concatenate(chunks, axis=1), total, power
+
+    def _powers(self, envelope: Tensor, codes: Tensor, own: slice) -> np.ndarray:
+        """The summed power of the frames of code frames ``own`` in ``envelope`` (dB, ``(1, K,
+        N)``) and in the envelope decoded from ``codes`` ``(Q, N')`` (before the post-filter,
+        which keeps the power): ``(2,)``. The decoded envelope is a smoothed mean in dB, so on
+        speech unlike the training data it comes back quieter (1-2 dB at 3-4 stages)."""
+        x_hat = self.model.decode(codes[None], envelope.shape[-1])
+        x_hat = self.normaliser.denormalise(x_hat, x_hat.new_zeros(1, 0))
+        frames = slice(own.start * self.downsample, own.stop * self.downsample)
+        weights = self.bandwidths[:, None]
+        return np.array(
+            [float((weights * 10 ** (x[0, :, frames] / 10)).sum()) for x in (envelope, x_hat)]
+        )
 
     def _decode_features(
         self, codes: np.ndarray, n_frames: int, coding: str | None, n_side: int

@@ -22,7 +22,7 @@ from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.cli import main
 from vqkit.codec.codec import Codec, decode_file, encode_file, load_codec
 from vqkit.codec.codefile import FORMAT_VERSION, EncodedAudio
-from vqkit.codec.stream import crossfade, synthesise_chunked
+from vqkit.codec.stream import LIMIT_KNEE, crossfade, soft_limit, synthesise_chunked
 from vqkit.config import Config, FeatureConfig, load_config, replace
 from vqkit.errors import VqkitError
 from vqkit.eval.metrics import active_level_db
@@ -168,6 +168,15 @@ def test_chunked_synthesis_has_no_seams(speech: np.ndarray, length: int) -> None
 
     seams = np.arange(24, n, 24) * 32
     assert np.abs(level_db(chunked)[seams] - level_db(whole)[seams]).max() < 3.0
+
+
+def test_soft_limit_keeps_quiet_samples_and_stays_below_full_scale() -> None:
+    x = np.linspace(-3, 3, 6001, dtype=np.float32)
+    y = soft_limit(x)
+    assert y.dtype == np.float32 and np.abs(y).max() < 1.0
+    quiet = np.abs(x) <= LIMIT_KNEE
+    np.testing.assert_array_equal(y[quiet], x[quiet])
+    assert (np.diff(y) >= 0).all() and np.abs(np.diff(y)).max() < 1.01 * (x[1] - x[0])
 
 
 def test_crossfade_keeps_power() -> None:

@@ -45,7 +45,7 @@ from vqkit.audio.synthesis import make_synthesiser, postfilter
 from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.codec.codefile import EncodedAudio, bits_per_code, read_code_file
 from vqkit.codec.side import side_codebooks, side_codes, side_coding_of, side_from_codes
-from vqkit.codec.stream import synthesise_chunked
+from vqkit.codec.stream import soft_limit, synthesise_chunked
 from vqkit.config import Config
 from vqkit.errors import VqkitError, shown
 from vqkit.files import AUDIO_SUFFIXES, atomic_write_bytes, check_output
@@ -206,7 +206,8 @@ class Codec:
         scale = np.float32(10 ** (-encoded.gain_db / 20))
         waves = synthesise_chunked(synthesiser, features, n_frames, length, window, overlap)
         waves = (wave * scale for wave in waves)
-        return exact_length(resample_stream(waves, sr, osr), encoded.length)
+        waves = exact_length(resample_stream(waves, sr, osr), encoded.length)
+        return (soft_limit(wave) for wave in waves)
 
     def _gain(self, blocks: Iterable[np.ndarray]) -> int:
         """Whole-dB gain bringing the RMS level to ``codec.level_db`` (0 when that is 0)."""

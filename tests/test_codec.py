@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 from conftest import TINY_RVQ_CODEC, save_random_codec, synth_utterance
 
+import vqkit
 import vqkit.audio.io
 import vqkit.codec.codec
 from vqkit.audio.frontends import make_frontend
@@ -21,9 +22,10 @@ from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.cli import main
 from vqkit.codec.codec import Codec, decode_file, encode_file, load_codec
 from vqkit.codec.codefile import FORMAT_VERSION, EncodedAudio
-from vqkit.codec.stream import crossfade, synthesise_chunked
+from vqkit.codec.stream import LIMIT_KNEE, crossfade, soft_limit, synthesise_chunked
 from vqkit.config import Config, FeatureConfig, load_config, replace
 from vqkit.errors import VqkitError
+from vqkit.eval.metrics import active_level_db
 
 RATE = 8000
 N_BINS = 65  # n_fft 128
@@ -110,7 +112,7 @@ def test_chunked_decoding_equals_whole(checkpoint: Checkpoint, speech: np.ndarra
     chunked, whole = Codec(checkpoint, chunk_seconds=0.05), Codec(checkpoint, WHOLE)
     encoded = whole.encode(speech, RATE)
     codes = torch.from_numpy(encoded.codes.astype(np.int64))
-    parts = list(chunked._decode_features(encoded.codes, encoded.n_frames))
+    parts = list(chunked._decode_features(encoded.codes, encoded.n_frames, "", 0))  # no side
     assert len(parts) == math.ceil(codes.shape[1] / chunked.chunk_codes) > 5
     x_hat = whole.model.decode(codes[None], length=encoded.n_frames)
     reference = whole.normaliser.denormalise(x_hat, x_hat.new_zeros(1, 0))[0]
@@ -166,6 +168,15 @@ def test_chunked_synthesis_has_no_seams(speech: np.ndarray, length: int) -> None
 
     seams = np.arange(24, n, 24) * 32
     assert np.abs(level_db(chunked)[seams] - level_db(whole)[seams]).max() < 3.0
+
+
+def test_soft_limit_keeps_quiet_samples_and_stays_below_full_scale() -> None:
+    x = np.linspace(-3, 3, 6001, dtype=np.float32)
+    y = soft_limit(x)
+    assert y.dtype == np.float32 and np.abs(y).max() < 1.0
+    quiet = np.abs(x) <= LIMIT_KNEE
+    np.testing.assert_array_equal(y[quiet], x[quiet])
+    assert (np.diff(y) >= 0).all() and np.abs(np.diff(y)).max() < 1.01 * (x[1] - x[0])
 
 
 def test_crossfade_keeps_power() -> None:
@@ -289,12 +300,29 @@ def test_memory_does_not_grow_with_duration(tmp_path: Path, model_path: Path, mo
     assert peaks[1] < 1.3 * peaks[0]
 
 
-def test_postfilter_stretches_each_frame_about_its_mean() -> None:
+def test_postfilter_stretches_each_frame_and_keeps_its_power() -> None:
     x = torch.randn(2, 9, 5) * 10 - 40
-    assert torch.equal(postfilter(x, 1.0), x)
-    y = postfilter(x, 1.5)
-    assert torch.allclose(y.mean(dim=1), x.mean(dim=1), atol=1e-4)
+    widths = torch.rand(9) + 0.5
+    assert torch.equal(postfilter(x, 1.0, widths), x)
     deviation = x - x.mean(dim=1, keepdim=True)
-    assert torch.allclose(y - y.mean(dim=1, keepdim=True), 1.5 * deviation, atol=1e-4)
+    for bandwidths, weights in ((widths, widths), (None, torch.ones(9))):
+        y = postfilter(x, 1.5, bandwidths)
+        assert torch.allclose(y - y.mean(dim=1, keepdim=True), 1.5 * deviation, atol=1e-4)
+        power = (weights[:, None] * 10 ** (y / 10)).sum(1)
+        assert torch.allclose(power, (weights[:, None] * 10 ** (x / 10)).sum(1), rtol=1e-4)
     with pytest.raises(VqkitError, match="postfilter must be positive"):
         postfilter(x, 0.0)
+
+
+@pytest.mark.parametrize("bitrate", [1.2, None])
+def test_default_codec_keeps_the_level_of_the_bundled_clips(bitrate: float | None) -> None:
+    """Decoded speech within 1 dB of the input's active-speech level, and no clipping."""
+    codec = load_codec("default")
+    clips = sorted((Path(vqkit.__file__).parent / "assets" / "sample").glob("*.flac"))
+    assert len(clips) == 4
+    for path in clips:
+        wave, rate = vqkit.audio.io.read_audio(path)
+        decoded = codec.decode(codec.encode(wave, rate, bitrate))
+        difference = active_level_db(decoded, rate) - active_level_db(wave, rate)
+        assert abs(difference) < 1.0, f"{path.name}: {difference:+.2f} dB"
+        assert np.abs(wave).max() < 1.0 and np.abs(decoded).max() < 1.0  # nothing clips

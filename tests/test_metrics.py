@@ -142,3 +142,14 @@ def test_spectral_distances_at_once_equal_the_single_metrics(clip):
         assert together[f"sd_{kind}_db2"] == pytest.approx(single)
     failed = metrics.spectral_distances(clip, y[:-1], RATE)
     assert all(metrics.is_failed(v) and "same shape" in v["error"] for v in failed.values())
+
+
+def test_active_level_ignores_pauses_and_follows_gain():
+    rate = 16000
+    tone = 0.1 * np.sin(2 * np.pi * 200 * np.arange(rate) / rate)  # RMS 0.1 / sqrt(2): -23.01 dB
+    with_pause = np.concatenate([tone, np.zeros(rate), 1e-4 * tone])
+    assert metrics.active_level_db(tone, rate) == pytest.approx(-23.01, abs=0.01)
+    assert metrics.active_level_db(with_pause, rate) == pytest.approx(-23.01, abs=0.01)
+    assert metrics.active_level_db(2 * with_pause, rate) == pytest.approx(-23.01 + 6.02, abs=0.01)
+    with pytest.raises(ValueError, match="silence"):
+        metrics.active_level_db(np.zeros(rate), rate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from pathlib import Path
@@ -19,11 +20,12 @@ from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
 from vqkit.codec.codec import Codec, load_codec
 from vqkit.codec.side import PITCH_BITS, pitch_codes, pitch_from_codes, side_codebooks
-from vqkit.config import Config, load_config
+from vqkit.config import Config, load_config, replace
 from vqkit.data.cache import FeatureCache
 from vqkit.data.prepare import prepare
 from vqkit.errors import VqkitError
 from vqkit.eval.baselines import Oracle
+from vqkit.eval.metrics import active_level_db
 from vqkit.run import resolve_model
 from vqkit.train.loop import train
 
@@ -226,11 +228,16 @@ def test_bitrate_counts_pitch_and_voicing(model_path: Path, speech: np.ndarray) 
     assert len(np.unique(encoded.codes[3])) > 3
 
 
-def test_chunked_codec_equals_whole(model_path: Path, speech: np.ndarray) -> None:
+@pytest.mark.parametrize("side_coding", ["separate", "joint"])
+def test_chunked_codec_equals_whole(model_path: Path, speech: np.ndarray, side_coding: str) -> None:
     checkpoint = load_checkpoint(model_path)
+    config = replace(checkpoint.config, codec={"side_coding": side_coding})
+    checkpoint = dataclasses.replace(checkpoint, config=config)
     chunked, whole = Codec(checkpoint, chunk_seconds=0.16), Codec(checkpoint, chunk_seconds=1e6)
     encoded = whole.encode(speech, CODEC_RATE)
-    assert (chunked.encode(speech, CODEC_RATE).codes == encoded.codes).mean() >= 0.99
+    in_chunks = chunked.encode(speech, CODEC_RATE)
+    assert (in_chunks.codes == encoded.codes).mean() >= 0.99
+    assert in_chunks.gain_db == encoded.gain_db  # the level correction sums over chunks
     wave_whole, wave_chunked = whole.decode(encoded), chunked.decode(encoded)
     assert wave_whole.shape == wave_chunked.shape == speech.shape
     # Chunks are crossfaded over a few frames: the audio matches away from the joins.
@@ -283,7 +290,7 @@ def test_a_spectrogram_model_refuses_parametric_codes(
     """With the same id, rate and hop, a model without pitch rows still refuses the file."""
     encoded = load_codec(model_path).encode(speech, CODEC_RATE, bitrate=0.6)
     spectrogram = Codec(load_checkpoint(model_path))
-    spectrogram.side = ()  # how a spectrogram model reads the rows
+    spectrogram.parametric = False  # how a spectrogram model reads the rows
     with pytest.raises(VqkitError, match="does not fit its model"):
         spectrogram._check_encoded(encoded)
 
@@ -347,3 +354,36 @@ def test_recipe_prepares_trains_and_codes_end_to_end(
         if not torch.equal(weight, before.model.state_dict()[name])
     ]
     assert changed and all(name.startswith("decoder.") for name in changed)
+
+
+def test_joint_side_coding_fits_a_stage_more_and_old_files_decode_as_before(
+    model_path: Path, speech: np.ndarray
+) -> None:
+    checkpoint = load_checkpoint(model_path)
+    separate = Codec(checkpoint)
+    config = replace(checkpoint.config, codec={"side_coding": "joint"})
+    joint = Codec(dataclasses.replace(checkpoint, config=config))
+    assert load_checkpoint(model_path).model_id == checkpoint.model_id  # the key is not hashed
+    frame_rate = CODEC_RATE / 80 / 4  # 25 code frames/s: 6 bits a stage, 11 side bits
+    assert joint.bitrates == pytest.approx([frame_rate * (6 * q + 11) / 1000 for q in (1, 2, 3, 4)])
+    encoded = joint.encode(speech, CODEC_RATE, bitrate=joint.bitrates[2])
+    assert encoded.codebook_sizes == (1921, 64, 64, 64)
+    payload_kbps = encoded.payload_size() * 8 / encoded.duration / 1000
+    assert payload_kbps == pytest.approx(joint.bitrates[2], rel=0.03)
+    for coded in (encoded, separate.encode(speech, CODEC_RATE, bitrate=separate.bitrates[2])):
+        # either codec decodes either file, the same way, whatever its own setting
+        np.testing.assert_array_equal(separate.decode(coded), joint.decode(coded))
+    assert np.abs(joint.decode(encoded)).max() > 0.01
+
+
+def test_the_decoder_undoes_the_level_the_coded_envelope_loses(
+    model_path: Path, speech: np.ndarray
+) -> None:
+    """The random model decodes an envelope about 23 dB too quiet; the file's gain restores it."""
+    codec = load_codec(model_path)
+    encoded = codec.encode(speech, CODEC_RATE, bitrate=codec.bitrates[1])
+    assert codec.config.codec.level_db == 0 and encoded.gain_db < -10
+    level = active_level_db(speech, CODEC_RATE)
+    assert abs(active_level_db(codec.decode(encoded), CODEC_RATE) - level) < 1.0
+    uncorrected = codec.decode(dataclasses.replace(encoded, gain_db=0))
+    assert active_level_db(uncorrected, CODEC_RATE) - level < -10

@@ -136,11 +136,14 @@ def model_id(weights: dict[str, Tensor], config: Config) -> str:
 
     The normaliser's statistics are left out, as they were when they travelled beside the weights,
     and so are config keys of :data:`LATER_KEYS` at their defaults, so that the ids of models
-    saved before (the shipped one among them) stay what they were."""
+    saved before (the shipped one among them) stay what they were. So is ``codec.side_coding``:
+    it only steers the encoder, files record which coding they hold, and a model decodes them
+    all, so switching it must not orphan the files already made."""
     values = config_to_dict(config)
     for (section, key), default in LATER_KEYS.items():
         if values[section].get(key) == default:
             del values[section][key]
+    del values["codec"]["side_coding"]
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
     for name in sorted(k for k in weights if not k.startswith(NORMALISER_PREFIX)):
         tensor = weights[name].detach().cpu().contiguous()

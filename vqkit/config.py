@@ -158,6 +158,10 @@ class CodecConfig:
     # synthesis, undoing some of the decoder's over-smoothing; 1 turns it off.
     postfilter: float = 1.0
     noise_voiced: float = 0.03  # harmonic: noise gain in voiced frames (1 in unvoiced ones)
+    # harmonic: how encoding codes pitch and voicing (vqkit.codec.side): separate (18 bits per
+    # 40 ms) | joint (11 bits). Decoding reads either from the file's rows, so this key does not
+    # enter the model id.
+    side_coding: str = "separate"
 
 
 @dataclass(frozen=True)

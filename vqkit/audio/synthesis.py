@@ -69,18 +69,35 @@ class GriffinLim:
         )
 
 
-def postfilter(features: Tensor, contrast: float) -> Tensor:
-    """Stretch dB features ``(..., F, N)`` about each frame's mean over ``F`` by ``contrast``.
+def postfilter(features: Tensor, contrast: float, bandwidths: Tensor | None = None) -> Tensor:
+    """Stretch dB features ``(..., F, N)`` about each frame's mean over ``F`` by ``contrast``,
+    keeping each frame's power.
 
     Autoencoders over-smooth spectra (flatter peaks and valleys than speech has); expanding each
-    frame's contrast, as speech codecs' post-filters do, restores some of it. 1 returns the input.
+    frame's contrast, as speech codecs' post-filters do, restores some of it. Stretching alone
+    raises the formant peaks, which carry most of the power, so decoded speech came back about
+    4 dB louder than its input and clipped; like Codec 2's post-filter, each frame is then scaled
+    back to the power it had: the sum over rows of ``bandwidths`` ``(F,)`` (Hz, or any weights of
+    the frequency range each row stands for; equal when None) times the power ``10^(dB/10)``.
+    1 returns the input.
     """
     if not contrast > 0:
         raise VqkitError(f"codec.postfilter must be positive, got {contrast}")
     if contrast == 1.0:
         return features
     mean = features.mean(dim=-2, keepdim=True)
-    return mean + contrast * (features - mean)
+    stretched = mean + contrast * (features - mean)
+    return stretched + _power_db(features, bandwidths) - _power_db(stretched, bandwidths)
+
+
+def _power_db(features: Tensor, bandwidths: Tensor | None) -> Tensor:
+    """Each frame's power in dB ``(..., 1, N)`` of dB features ``(..., F, N)``, rows weighted by
+    ``bandwidths`` ``(F,)`` (equal when None)."""
+    scale = math.log(10) / 10
+    log_power = features * scale
+    if bandwidths is not None:
+        log_power = log_power + torch.log(bandwidths.to(features.dtype))[:, None]
+    return torch.logsumexp(log_power, dim=-2, keepdim=True) / scale
 
 
 def make_synthesiser(

@@ -3,7 +3,7 @@
 Two model families are codecs. A spectrogram model (``stft`` or ``mel`` features) codes the
 spectrogram and is heard through Griffin-Lim. A parametric model (``envelope`` features,
 :mod:`vqkit.audio.envelope`) codes the spectral envelope, and its code frames also carry pitch and
-voicing codes before the envelope stages (:func:`vqkit.audio.envelope.side_codebooks`), counted in
+voicing codes before the envelope stages (:func:`vqkit.codec.side.side_codebooks`), counted in
 the bitrate; the harmonic-plus-noise synthesiser makes the waveform.
 
 Encoding streams: audio is read in blocks, resampled to the model's rate by a streaming soxr
@@ -46,8 +46,8 @@ from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.codec.codefile import EncodedAudio, bits_per_code, read_code_file
 from vqkit.codec.packets import StreamHeader
 from vqkit.codec.realtime import Lookahead, StreamDecoder, StreamEncoder
-from vqkit.codec.side import pitch_codes, pitch_from_codes, side_codebooks
-from vqkit.codec.stream import synthesise_chunked
+from vqkit.codec.side import side_codebooks, side_codes, side_coding_of, side_from_codes
+from vqkit.codec.stream import soft_limit, synthesise_chunked
 from vqkit.config import Config
 from vqkit.errors import VqkitError, shown
 from vqkit.files import AUDIO_SUFFIXES, atomic_write_bytes, check_output
@@ -56,6 +56,7 @@ from vqkit.run import resolve_model
 
 CodeSource = EncodedAudio | bytes | bytearray | memoryview | str | os.PathLike
 MAX_LEVEL_GAIN_DB = 60  # the level normalisation never scales by more than this
+MAX_LEVEL_LOSS_DB = 40  # the level correction of decoding never scales by more than this
 
 
 class Codec:
@@ -74,8 +75,12 @@ class Codec:
         self.n_codebooks = model.bottleneck.n_codebooks
         self.codebook_size = model.bottleneck.codebook_size
         self.parametric = isinstance(self.frontend, EnvelopeFrontend)
-        # pitch and voicing codebooks, stored before the envelope stages
-        self.side = side_codebooks(self.downsample) if self.parametric else ()
+        # the width in Hz each envelope point stands for, so the post-filter keeps the power
+        self.bandwidths = self.frontend.spacing if self.parametric else None
+        # pitch and voicing codebooks of the files this codec writes, before the envelope stages;
+        # it reads files of every side coding (their rows say which)
+        self.side_coding = config.codec.side_coding
+        self.side = side_codebooks(self.downsample, self.side_coding) if self.parametric else ()
         seconds = config.codec.chunk_seconds if chunk_seconds is None else chunk_seconds
         self.chunk_codes = max(1, round(seconds * self.frame_rate))  # code frames per chunk
 
@@ -94,6 +99,14 @@ class Codec:
     def codebook_sizes(self, n_stages: int) -> tuple[int, ...]:
         """Codebook sizes of the code rows in a file with ``n_stages`` envelope stages."""
         return self.side + (self.codebook_size,) * n_stages
+
+    def side_layout(self, encoded: EncodedAudio) -> tuple[str | None, tuple[int, ...]]:
+        """The side coding of ``encoded``'s first rows and their codebook sizes: ``("", ())``
+        for a spectrogram model, ``(None, ())`` when the rows fit no coding."""
+        if not self.parametric:
+            return "", ()
+        coding = side_coding_of(encoded.codebook_sizes, self.downsample)
+        return coding, () if coding is None else side_codebooks(self.downsample, coding)
 
     def n_stages(self, bitrate: float | None) -> int:
         """The most stages whose bitrate is at most ``bitrate`` kbit/s (all when None)."""
@@ -149,7 +162,10 @@ class Codec:
 
         waves = resample_stream(counted(), sample_rate, self.sample_rate)
         with torch.inference_mode():
-            codes, n_samples = self._encode_stream(waves, n_stages)
+            codes, n_samples, power = self._encode_stream(waves, n_stages)
+        if self.parametric:  # the decoder also undoes the level the coded envelope loses
+            loss_db = 10 * math.log10(max(power[0], 1e-30) / max(power[1], 1e-30))
+            gain_db -= int(np.clip(round(loss_db), -MAX_LEVEL_LOSS_DB, MAX_LEVEL_LOSS_DB))
         return EncodedAudio(
             model_id=self.model_id,
             sample_rate=self.sample_rate,
@@ -184,11 +200,13 @@ class Codec:
         synthesiser = make_synthesiser(self.config.codec, self.frontend, iters)
         window = self.chunk_codes * self.downsample
         overlap = max(2, min(2 * math.ceil(self.frontend.n_fft / hop), window // 2))
-        features = self._decode_features(encoded.codes, n_frames)
+        coding, side = self.side_layout(encoded)
+        features = self._decode_features(encoded.codes, n_frames, coding, len(side))
         scale = np.float32(10 ** (-encoded.gain_db / 20))
         waves = synthesise_chunked(synthesiser, features, n_frames, length, window, overlap)
         waves = (wave * scale for wave in waves)
-        return exact_length(resample_stream(waves, sr, osr), encoded.length)
+        waves = exact_length(resample_stream(waves, sr, osr), encoded.length)
+        return (soft_limit(wave) for wave in waves)
 
     def _gain(self, blocks: Iterable[np.ndarray]) -> int:
         """Whole-dB gain bringing the RMS level to ``codec.level_db`` (0 when that is 0)."""
@@ -202,9 +220,14 @@ class Codec:
         level = 10 * math.log10(max(energy / max(count, 1), 1e-12))
         return int(np.clip(round(target - level), -MAX_LEVEL_GAIN_DB, MAX_LEVEL_GAIN_DB))
 
-    def _encode_stream(self, waves: Iterator[np.ndarray], n_stages: int) -> tuple[np.ndarray, int]:
-        """Codes ``(Q, N')`` of a model-rate sample stream, chunk by chunk; and its length."""
+    def _encode_stream(
+        self, waves: Iterator[np.ndarray], n_stages: int
+    ) -> tuple[np.ndarray, int, np.ndarray]:
+        """Codes ``(Q, N')`` of a model-rate sample stream, chunk by chunk; its length; and the
+        power of its envelope and of the envelope decoded from those codes ``(2,)``
+        (:meth:`_powers`; zeros for a spectrogram model)."""
         d, hop, margin = self.downsample, self.hop_length, self.margins[0]
+        power = np.zeros(2)
         context = math.ceil(self.frontend.n_fft / 2 / hop)  # frames the STFT reaches either side
         buffer, offset, total = np.zeros(0, dtype=np.float32), 0, None
         chunks, start = [], 0
@@ -227,50 +250,77 @@ class Codec:
             buffer, offset = buffer[begin - offset :], begin
             wave = torch.from_numpy(buffer[: needed - begin])[None]
             frames = slice(first - begin // hop, last - begin // hop)
-            codes = self.encode_window(wave, frames, n_stages)
+            own = slice(start - first // d, stop - first // d)  # this chunk's code frames
+            codes, envelope = self._encode_window(wave, frames, n_stages)
+            if self.parametric:
+                power += self._powers(envelope, codes[len(self.side) :], own)
             # uint16 at once (codebooks hold at most 65536 codes): a quarter of int64's memory
-            chunks.append(
-                codes[:, start - first // d : stop - first // d].numpy().astype(np.uint16)
-            )
+            chunks.append(codes[:, own].numpy().astype(np.uint16))
             start = stop
-        return np.concatenate(chunks, axis=1), total
+        return np.concatenate(chunks, axis=1), total, power
 
-    def _decode_features(self, codes: np.ndarray, n_frames: int) -> Iterator[Tensor]:
-        """Features in dB ``(F, N_i)`` of codes ``(Q, N')`` (uint16), chunk by chunk,
-        ``n_frames`` in all. Each chunk's codes become int64 only when it is decoded."""
+    def _powers(self, envelope: Tensor, codes: Tensor, own: slice) -> np.ndarray:
+        """The summed power of the frames of code frames ``own`` in ``envelope`` (dB, ``(1, K,
+        N)``) and in the envelope decoded from ``codes`` ``(Q, N')`` (before the post-filter,
+        which keeps the power): ``(2,)``. The decoded envelope is a smoothed mean in dB, so on
+        speech unlike the training data it comes back quieter (1-2 dB at 3-4 stages)."""
+        x_hat = self.model.decode(codes[None], envelope.shape[-1])
+        x_hat = self.normaliser.denormalise(x_hat, x_hat.new_zeros(1, 0))
+        frames = slice(own.start * self.downsample, own.stop * self.downsample)
+        weights = self.bandwidths[:, None]
+        return np.array(
+            [float((weights * 10 ** (x[0, :, frames] / 10)).sum()) for x in (envelope, x_hat)]
+        )
+
+    def _decode_features(
+        self, codes: np.ndarray, n_frames: int, coding: str | None, n_side: int
+    ) -> Iterator[Tensor]:
+        """Features in dB ``(F, N_i)`` of codes ``(Q, N')`` (uint16) whose first ``n_side`` rows
+        are side codes in ``coding``, chunk by chunk, ``n_frames`` in all. Each chunk's codes
+        become int64 only when it is decoded."""
         d, margin, n_codes = self.downsample, self.margins[1], codes.shape[1]
         for start in range(0, n_codes, self.chunk_codes):
             stop = min(start + self.chunk_codes, n_codes)
             first, last = max(0, start - margin), min(n_codes, stop + margin)
             chunk = torch.from_numpy(codes[:, first:last].astype(np.int64))
             with torch.inference_mode():
-                x_hat = self.decode_window(chunk)
+                x_hat = self.decode_window(chunk, coding, n_side)
             yield x_hat[:, (start - first) * d : min(stop * d, n_frames) - first * d]
 
     def encode_window(self, wave: Tensor, frames: slice, n_stages: int) -> Tensor:
         """Codes ``(Q, L)`` of the feature frames ``frames`` (from a code frame's first) of a
         model-rate window ``(1, T)``: a parametric model's pitch and voicing rows first."""
+        return self._encode_window(wave, frames, n_stages)[0]
+
+    def _encode_window(self, wave: Tensor, frames: slice, n_stages: int) -> tuple[Tensor, Tensor]:
+        """:meth:`encode_window`'s codes, and the features in dB ``(1, F, L * downsample)`` they
+        code."""
         if self.parametric:
             features, f0, voiced = self.frontend.analyse(wave)
         else:
             features = self.frontend(wave)
-        x = self.normaliser.normalise(features[..., frames])
-        codes = self.model.encode(x, n_stages)[0]  # (Q, L)
+        features = features[..., frames]
+        codes = self.model.encode(self.normaliser.normalise(features), n_stages)[0]  # (Q, L)
         if self.parametric:  # the pitch and voicing rows go first
-            side = pitch_codes(f0[:, frames], voiced[:, frames], self.downsample)[0]
-            codes = torch.cat([side, codes])
-        return codes
+            side = side_codes(f0[:, frames], voiced[:, frames], self.downsample, self.side_coding)
+            codes = torch.cat([side[0], codes])
+        return codes, features
 
-    def decode_window(self, codes: Tensor) -> Tensor:
-        """Features in dB ``(F, L * downsample)`` of consecutive code frames ``(Q, L)``; a
+    def decode_window(
+        self, codes: Tensor, coding: str | None = None, n_side: int | None = None
+    ) -> Tensor:
+        """Features in dB ``(F, L * downsample)`` of consecutive code frames ``(Q, L)`` whose
+        first ``n_side`` rows are side codes in ``coding`` (default: this codec's own); a
         parametric model's F0 and voicing are the last two rows."""
-        side, codes = codes[: len(self.side)], codes[len(self.side) :]
+        n_side = len(self.side) if n_side is None else n_side
+        side, codes = codes[:n_side], codes[n_side:]
         x_hat = self.model.decode(codes[None])
         no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
         x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
-        x_hat = postfilter(x_hat, self.config.codec.postfilter)
+        x_hat = postfilter(x_hat, self.config.codec.postfilter, self.bandwidths)
         if self.parametric:  # F0 and voicing become the last two rows
-            f0, voiced = pitch_from_codes(side[None], self.downsample, x_hat.shape[-1])
+            coding = self.side_coding if coding is None else coding
+            f0, voiced = side_from_codes(side[None], self.downsample, x_hat.shape[-1], coding)
             x_hat = torch.cat([x_hat, f0, voiced])
         return x_hat
 
@@ -311,10 +361,13 @@ class Codec:
                 f"({self.model_id}): decode with the --model it was encoded with"
             )
         expected = math.ceil(encoded.n_frames / self.downsample)
+        coding, side = self.side_layout(encoded)
+        n_stages = encoded.n_stages - len(side)
         if (
             (encoded.sample_rate, encoded.hop_length) != (self.sample_rate, self.hop_length)
-            or not len(self.side) < encoded.n_stages <= len(self.side) + self.n_codebooks
-            or encoded.codebook_sizes != self.codebook_sizes(encoded.n_stages - len(self.side))
+            or coding is None
+            or not 0 < n_stages <= self.n_codebooks
+            or encoded.codebook_sizes != side + (self.codebook_size,) * n_stages
             or encoded.codes.shape[1] != expected
         ):
             raise VqkitError(
@@ -361,7 +414,7 @@ def decode_file(
     except VqkitError as e:
         raise VqkitError(f"{input}: {e}") from None
     write_audio_blocks(output, blocks, encoded.orig_sample_rate)
-    n_stages = encoded.n_stages - len(codec.side)
+    n_stages = encoded.n_stages - len(codec.side_layout(encoded)[1])
     return f"{output}: {n_stages} stages decoded, {_rates(encoded, n_bytes)}"
 
 

@@ -15,10 +15,11 @@ Layout (all integers little-endian)::
 Header keys: ``id`` model id (16 hex digits), ``sr`` model sample rate (Hz), ``hop`` hop length
 (samples at ``sr``), ``n`` feature frames, ``t`` code frames, ``len`` original length (samples
 at ``osr``), ``osr`` original sample rate, ``q`` code rows stored, ``k`` codebook size (one
-int for all rows, or a list of ``q``), and optionally ``g``, the gain in whole dB that the
-encoder applied (side information; absent means 0). A spectrogram model's rows are its residual
-stages; a parametric model's first rows are its pitch and voicing codes
-(:func:`vqkit.audio.envelope.side_codebooks`), then its envelope stages.
+int for all rows, or a list of ``q``), and optionally ``g``, a gain in whole dB that the
+decoder divides out (side information; absent means 0): the level normalisation the encoder
+applied, less the level a parametric model's coded envelope loses. A spectrogram model's rows
+are its residual stages; a parametric model's first rows are its pitch and voicing codes
+(:func:`vqkit.codec.side.side_codebooks`), then its envelope stages.
 
 This module is numpy only: it reads and writes bytes and never needs the model.
 """
@@ -139,7 +140,7 @@ class EncodedAudio:
     orig_sample_rate: int
     codebook_sizes: tuple[int, ...]  # one per stored stage
     codes: np.ndarray  # (Q, N') codes
-    gain_db: int = 0  # gain the encoder applied before encoding (side information)
+    gain_db: int = 0  # the gain in dB the decoder divides out (side information)
 
     def __post_init__(self) -> None:
         codes = np.asarray(self.codes)

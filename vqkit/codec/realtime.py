@@ -33,7 +33,7 @@ from vqkit.audio.synthesis import make_synthesiser
 from vqkit.codec.codefile import packed_size
 from vqkit.codec.conceal import Concealer
 from vqkit.codec.packets import StreamHeader, pack_packet, unpack_packet
-from vqkit.codec.stream import SYNTH_MARGIN, WindowSynthesiser
+from vqkit.codec.stream import SYNTH_MARGIN, WindowSynthesiser, soft_limit
 from vqkit.config import Config
 from vqkit.errors import VqkitError
 
@@ -326,7 +326,7 @@ class StreamDecoder:
         if self.resampler is not None:
             wave = self.resampler.resample_chunk(wave.astype(np.float32), last=last)
         self.emitted += len(wave)
-        return wave.astype(np.float32)
+        return soft_limit(wave.astype(np.float32))  # as file decoding does
 
 
 def check_stream(codec: Codec, header: StreamHeader) -> None:

@@ -1,5 +1,15 @@
 """The side codes of a parametric codec's code frames: pitch and voicing, carried in the ``.vqc``
-before the envelope stages and counted in every bitrate."""
+before the envelope stages and counted in every bitrate.
+
+Two codings, chosen by ``codec.side_coding`` when encoding; a file's rows say which one it holds
+(their codebook sizes differ), so every file decodes whatever the setting:
+
+- ``separate`` (18 bits per 40 ms code frame): a 7-bit log-F0 code every 20 ms and one voicing bit
+  per 10 ms frame (:func:`pitch_codes`).
+- ``joint`` (11 bits per 40 ms): one code per code frame for the voicing pattern, log-F0 and its
+  slope, as LPCNet codes pitch, slope and voicing together (:mod:`vqkit.codec.joint`). It frees
+  the bits of a fourth envelope stage under 1.3 kbit/s.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +20,54 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vqkit.audio.envelope import F0_MAX, F0_MIN, UNVOICED_F0, fill_unvoiced, interp
+from vqkit.codec import joint
 from vqkit.errors import VqkitError
+
+SIDE_CODINGS = ("separate", "joint")
 
 PITCH_BITS = 7  # a log-F0 code on a uniform grid from F0_MIN to F0_MAX
 PITCH_SHARE = 2  # frames per log-F0 code (20 ms at a 10 ms hop)
 
 
-def side_codebooks(factor: int) -> tuple[int, ...]:
-    """Codebook sizes of the pitch and voicing codes of a code frame of ``factor`` frames: a
-    log-F0 code for every :data:`PITCH_SHARE` frames, then one voicing bit per frame in one code."""
+def side_codebooks(factor: int, coding: str = "separate") -> tuple[int, ...]:
+    """Codebook sizes of the side codes of a code frame of ``factor`` frames. ``separate``: a
+    log-F0 code for every :data:`PITCH_SHARE` frames, then one voicing bit per frame in one code;
+    ``joint``: one code (:func:`vqkit.codec.joint.codebook_size`)."""
+    if coding not in SIDE_CODINGS:
+        raise VqkitError(f"unknown codec.side_coding '{coding}'; valid: {', '.join(SIDE_CODINGS)}")
     if factor % PITCH_SHARE or not 1 <= factor <= 16:
         raise VqkitError(
             f"the parametric codec needs model.downsample in 2..16 divisible by {PITCH_SHARE}, "
             f"got {factor}"
         )
+    if coding == "joint":
+        return (joint.codebook_size(factor),)
     return (2**PITCH_BITS,) * (factor // PITCH_SHARE) + (2**factor,)
+
+
+def side_coding_of(codebook_sizes: tuple[int, ...], factor: int) -> str | None:
+    """The coding whose side rows begin ``codebook_sizes`` (a file's rows), or None."""
+    for coding in SIDE_CODINGS:
+        side = side_codebooks(factor, coding)
+        if tuple(codebook_sizes[: len(side)]) == side:
+            return coding
+    return None
+
+
+def side_codes(f0: Tensor, voiced: Tensor, factor: int, coding: str) -> Tensor:
+    """Side codes ``(B, C, N')`` of F0 (Hz) and voicing ``(B, N)`` in ``coding``."""
+    if coding == "joint":
+        return joint.encode(f0, voiced, factor)
+    return pitch_codes(f0, voiced, factor)
+
+
+def side_from_codes(
+    codes: Tensor, factor: int, n_frames: int, coding: str
+) -> tuple[Tensor, Tensor]:
+    """F0 (Hz) and voicing ``(B, n_frames)`` from side codes ``(B, C, N')`` in ``coding``."""
+    if coding == "joint":
+        return joint.decode(codes, factor, n_frames)
+    return pitch_from_codes(codes, factor, n_frames)
 
 
 def pitch_codes(f0: Tensor, voiced: Tensor, factor: int) -> Tensor:

@@ -226,7 +226,7 @@ class Model:
         middle = time.perf_counter()
         y = self.codec.decode(encoded)
         end = time.perf_counter()
-        codes = np.asarray(encoded.codes)[len(self.codec.side) :]  # the VQ stages
+        codes = np.asarray(encoded.codes)[len(self.codec.side_layout(encoded)[1]) :]  # VQ stages
         payload = int(encoded.payload_size())  # packed codes, without the file's header
         y = np.asarray(y, dtype=np.float32)
         return Output(y, sample_rate, len(data), payload, middle - start, end - middle, codes)

@@ -1,4 +1,5 @@
-"""Quality metrics for speech codecs: PESQ, STOI, spectral distances, SI-SDR, codebook usage.
+"""Quality metrics for speech codecs: PESQ, STOI, spectral distances, SI-SDR, active-speech
+level, codebook usage.
 
 Waveform metrics take a reference ``x`` and a reconstruction ``x_hat``, both float ``(T,)`` of the
 same length at ``sample_rate``, and return a float; they raise ``ValueError`` or ``RuntimeError``
@@ -169,6 +170,26 @@ def mse(x: np.ndarray, x_hat: np.ndarray) -> float:
     """Mean squared error of the samples."""
     x, x_hat = _check_pair(x, x_hat)
     return float(np.mean((x - x_hat) ** 2))
+
+
+LEVEL_FRAME_SECONDS = 0.02  # frames of the active-speech level
+LEVEL_GATE_DB = 35.0  # frames this far below the loudest one are pauses, not speech
+
+
+def active_level_db(x: np.ndarray, sample_rate: int) -> float:
+    """Active-speech level of ``x`` ``(T,)`` in dBFS: the RMS over the 20 ms frames no more than
+    :data:`LEVEL_GATE_DB` below the loudest frame, so that pauses and silence do not count (a
+    simple stand-in for the gated level of ITU-T P.56). Raises ``ValueError`` for silence."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"expected a waveform (T,), got {x.shape}")
+    size = max(1, round(LEVEL_FRAME_SECONDS * sample_rate))
+    frames = np.pad(x, (0, -len(x) % size)).reshape(-1, size)
+    power = np.mean(frames**2, axis=1)
+    if power.size == 0 or power.max() <= 0:
+        raise ValueError("the active-speech level of silence is undefined")
+    active = power[power >= power.max() * 10 ** (-LEVEL_GATE_DB / 10)]
+    return float(10 * np.log10(active.mean()))
 
 
 def code_counts(codes: np.ndarray | Sequence[np.ndarray], codebook_size: int) -> np.ndarray:

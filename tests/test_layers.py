@@ -25,8 +25,9 @@ RANKS = {
     "eval": 6,
     "tools": 7,
     "": 8,  # vqkit/__init__.py: the public names
-    "cli": 9,
-    "__main__": 10,
+    "parser": 9,
+    "cli": 10,
+    "__main__": 11,
 }
 
 

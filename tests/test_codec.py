@@ -20,8 +20,9 @@ from vqkit.audio.frontends import make_frontend
 from vqkit.audio.synthesis import make_synthesiser, postfilter
 from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.cli import main
-from vqkit.codec.codec import Codec, decode_file, encode_file, load_codec
+from vqkit.codec.codec import Codec, load_codec
 from vqkit.codec.codefile import FORMAT_VERSION, EncodedAudio
+from vqkit.codec.file_io import decode_file, encode_file
 from vqkit.codec.stream import LIMIT_KNEE, crossfade, soft_limit, synthesise_chunked
 from vqkit.config import Config, FeatureConfig, load_config, replace
 from vqkit.errors import VqkitError

@@ -29,7 +29,7 @@ from conftest import TINY_BARE_CODEC, save_random_codec
 import vqkit
 from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
-from vqkit.codec.codec import decode_file, encode_file
+from vqkit.codec.file_io import decode_file, encode_file
 from vqkit.config import load_config
 from vqkit.files import remove_temporaries
 from vqkit.train.log import MetricsLog, read_metrics

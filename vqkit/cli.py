@@ -79,7 +79,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         info = encode_stream(*_pipe_ends(args), *options)
         print(info, file=sys.stderr if str(args.output) == "-" else sys.stdout)
         return 0
-    from vqkit.codec.codec import encode_file
+    from vqkit.codec.file_io import encode_file
 
     info = encode_file(args.input, args.output, model=args.model, bitrate=args.bitrate)
     print(info)
@@ -93,7 +93,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         info = decode_stream(*_pipe_ends(args), args.model, args.format, args.conceal)
         print(info, file=sys.stderr if str(args.output) == "-" else sys.stdout)
         return 0
-    from vqkit.codec.codec import decode_file
+    from vqkit.codec.file_io import decode_file
 
     info = decode_file(args.input, args.output, model=args.model, iters=args.iters)
     print(info)

@@ -37,9 +37,7 @@ from vqkit.audio.io import (
     as_samples,
     check_rate,
     exact_length,
-    open_audio_blocks,
     resample_stream,
-    write_audio_blocks,
 )
 from vqkit.audio.synthesis import make_synthesiser, postfilter
 from vqkit.checkpoint import Checkpoint, load_checkpoint
@@ -50,7 +48,6 @@ from vqkit.codec.side import side_codebooks, side_codes, side_coding_of, side_fr
 from vqkit.codec.stream import soft_limit, synthesise_chunked
 from vqkit.config import Config
 from vqkit.errors import VqkitError, shown
-from vqkit.files import AUDIO_SUFFIXES, atomic_write_bytes, check_output
 from vqkit.nn.normalise import Normaliser
 from vqkit.run import resolve_model
 
@@ -381,43 +378,6 @@ def load_codec(model: str | os.PathLike = "default", chunk_seconds: float | None
     return Codec(load_checkpoint(resolve_model(model)), chunk_seconds)
 
 
-def encode_file(
-    input: str | os.PathLike,
-    output: str | os.PathLike,
-    model: str | os.PathLike = "default",
-    bitrate: float | None = None,
-) -> str:
-    """Encode an audio file to a ``.vqc`` code file; returns a one-line summary."""
-    check_output(output, input, *_model_files(model), refuse_suffixes=AUDIO_SUFFIXES)
-    codec = load_codec(model)
-    n_stages = codec.n_stages(bitrate)  # fail on a bad bitrate before reading anything
-    sample_rate, blocks = open_audio_blocks(input)
-    gain = codec._gain(open_audio_blocks(input)[1]) if codec.config.codec.level_db else 0
-    encoded = codec.encode_blocks(blocks, sample_rate, n_stages, gain)
-    data = encoded.to_bytes()
-    atomic_write_bytes(output, data)
-    return f"{output}: {n_stages} stages, {_rates(encoded, len(data))}"
-
-
-def decode_file(
-    input: str | os.PathLike,
-    output: str | os.PathLike,
-    model: str | os.PathLike = "default",
-    iters: int | None = None,
-) -> str:
-    """Decode a ``.vqc`` code file to a WAV or FLAC file; returns a one-line summary."""
-    check_output(output, input, *_model_files(model))
-    encoded, n_bytes = read_code_file(input)
-    codec = load_codec(model)
-    try:
-        blocks = codec.decode_blocks(encoded, iters)
-    except VqkitError as e:
-        raise VqkitError(f"{input}: {e}") from None
-    write_audio_blocks(output, blocks, encoded.orig_sample_rate)
-    n_stages = encoded.n_stages - len(codec.side_layout(encoded)[1])
-    return f"{output}: {n_stages} stages decoded, {_rates(encoded, n_bytes)}"
-
-
 def as_encoded(source: CodeSource) -> EncodedAudio:
     """An :class:`EncodedAudio` as it is; the bytes of a ``.vqc`` file parsed; a path read."""
     if isinstance(source, EncodedAudio):
@@ -428,21 +388,6 @@ def as_encoded(source: CodeSource) -> EncodedAudio:
         return read_code_file(source)[0]
     raise VqkitError(
         f"expected EncodedAudio, the bytes of a .vqc file or its path, got {type(source).__name__}"
-    )
-
-
-def _model_files(model: str | os.PathLike) -> list[str | os.PathLike]:
-    """The model as an input path that no output may overwrite (none for the shipped one)."""
-    return [] if os.fspath(model) == "default" else [model]
-
-
-def _rates(encoded: EncodedAudio, n_bytes: int) -> str:
-    seconds = encoded.duration
-    payload = encoded.payload_size()
-    return (
-        f"{seconds:.2f} s at {encoded.orig_sample_rate} Hz, {n_bytes} bytes: "
-        f"{n_bytes * 8 / seconds / 1000:.3f} kbit/s with the header, "
-        f"{payload * 8 / seconds / 1000:.3f} kbit/s without"
     )
 
 

@@ -135,3 +135,33 @@ def save_random_codec(
         model.normaliser.set_statistics(torch.full((n_bins,), mean), torch.full((n_bins,), std))
     save_checkpoint(path, model, config, meta={"in_shape": [n_bins], **(meta or {})})
     return path
+
+
+TINY_PARAMETRIC_RATE, TINY_PARAMETRIC_K = 8000, 20  # a tiny parametric codec: rate, envelope points
+
+
+def tiny_parametric_config(*overrides: str) -> Config:
+    """A tiny parametric codec's config at 8 kHz (envelope, pitch and voicing; harmonic
+    synthesis), for a random-weight model saved by :func:`save_random_codec`."""
+    return load_config(
+        None,
+        [
+            f"audio.sample_rate={TINY_PARAMETRIC_RATE}",
+            "features.kind='envelope'",
+            "features.n_fft=512",
+            "features.win_length=320",
+            "features.hop_length=80",
+            f"features.rate_k={TINY_PARAMETRIC_K}",
+            *TINY_RVQ_CODEC,
+            "codec.synthesis='harmonic'",
+            "codec.chunk_seconds=0.2",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    """1.5 s of speech-like audio at 8 kHz with an odd length."""
+    rng = np.random.default_rng(0)
+    return np.concatenate([synth_utterance(rng, 0.5, f0) for f0 in (120, 200, 160)])[:-3]

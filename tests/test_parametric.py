@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import TINY_RVQ_CODEC, save_random_codec, synth_utterance
+from conftest import TINY_PARAMETRIC_K as K
+from conftest import TINY_PARAMETRIC_RATE as CODEC_RATE
+from conftest import save_random_codec, tiny_parametric_config
 
 from vqkit.audio.envelope import F0_MAX, F0_MIN, EnvelopeFrontend, fill_unvoiced
 from vqkit.audio.frontends import make_frontend
@@ -20,7 +22,7 @@ from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
 from vqkit.codec.codec import Codec, load_codec
 from vqkit.codec.side import PITCH_BITS, pitch_codes, pitch_from_codes, side_codebooks
-from vqkit.config import Config, load_config, replace
+from vqkit.config import load_config, replace
 from vqkit.data.cache import FeatureCache
 from vqkit.data.prepare import prepare
 from vqkit.errors import VqkitError
@@ -175,34 +177,6 @@ def test_envelope_frontend_from_config_and_synthesiser_choice() -> None:
 
 
 # The codec with a tiny random-weight parametric model (no training needed).
-
-CODEC_RATE = 8000
-K = 20
-
-
-def tiny_parametric_config(*overrides: str) -> Config:
-    return load_config(
-        None,
-        [
-            f"audio.sample_rate={CODEC_RATE}",
-            "features.kind='envelope'",
-            "features.n_fft=512",
-            "features.win_length=320",
-            "features.hop_length=80",
-            f"features.rate_k={K}",
-            *TINY_RVQ_CODEC,
-            "codec.synthesis='harmonic'",
-            "codec.chunk_seconds=0.2",
-            *overrides,
-        ],
-    )
-
-
-@pytest.fixture(scope="module")
-def speech() -> np.ndarray:
-    """1.5 s of speech-like audio at 8 kHz with an odd length."""
-    rng = np.random.default_rng(0)
-    return np.concatenate([synth_utterance(rng, 0.5, f0) for f0 in (120, 200, 160)])[:-3]
 
 
 @pytest.fixture(scope="module")

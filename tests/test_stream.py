@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RVQ_CODEC, save_random_codec, synth_utterance
+from conftest import TINY_PARAMETRIC_K as K
+from conftest import TINY_PARAMETRIC_RATE as RATE
+from conftest import save_random_codec, tiny_parametric_config
 
 from vqkit.audio.frontends import make_frontend
 from vqkit.audio.io import read_audio
@@ -25,37 +27,11 @@ from vqkit.errors import VqkitError
 from vqkit.eval.metrics import pesq_nb
 from vqkit.nn.model import build_model
 
-RATE, K = 8000, 20
 SAMPLE = sorted((Path(__file__).parents[1] / "vqkit" / "assets" / "sample").glob("*.flac"))
 
 
-def tiny_parametric(*overrides: str):
-    return load_config(
-        None,
-        [
-            f"audio.sample_rate={RATE}",
-            "features.kind='envelope'",
-            "features.n_fft=512",
-            "features.win_length=320",
-            "features.hop_length=80",
-            f"features.rate_k={K}",
-            *TINY_RVQ_CODEC,
-            "codec.synthesis='harmonic'",
-            "codec.chunk_seconds=0.2",
-            *overrides,
-        ],
-    )
-
-
-@pytest.fixture(scope="module")
-def speech() -> np.ndarray:
-    """1.5 s of speech-like audio at 8 kHz with an odd length."""
-    rng = np.random.default_rng(0)
-    return np.concatenate([synth_utterance(rng, 0.5, f0) for f0 in (120, 200, 160)])[:-3]
-
-
 def save_parametric(path: Path, speech: np.ndarray, *overrides: str) -> Path:
-    config = tiny_parametric(*overrides)
+    config = tiny_parametric_config(*overrides)
     envelope = make_frontend(config.features, RATE)(torch.from_numpy(speech)[None])
     return save_random_codec(path, config, K, mean=-20.0, std=15.0, kmeans_on=envelope)
 
@@ -149,7 +125,7 @@ def test_default_latency_is_computed_from_its_networks(default) -> None:
 
 
 def test_limited_lookahead_model_is_causal_and_faster(tmp_path: Path, speech) -> None:
-    config = tiny_parametric("model.encoder_lookahead=2", "model.decoder_lookahead=0")
+    config = tiny_parametric_config("model.encoder_lookahead=2", "model.decoder_lookahead=0")
     model = build_model(config, (K,)).eval()
     assert reach_sides(model.encoder, K, 4, True)[1] == 3 + 2  # its block, then 2 frames
     assert reach_sides(model.decoder, 16, 4, False)[1] == 0

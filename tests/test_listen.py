@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from browser import CHROMIUM, dump_dom, needs_chromium, run_chromium, screenshot
+from browser import CHROMIUM, needs_chromium, run_chromium, screenshot
 from conftest import TINY_BARE_CODEC, save_random_codec
 from test_metrics import speechlike
 
@@ -133,10 +133,11 @@ def test_a_scripted_listener_rates_every_trial_and_downloads(test_page, tmp_path
 @needs_chromium
 def test_a_reload_loses_no_rating(test_page, tmp_path):
     page, _ = test_page
-    profile = tmp_path / "profile"
-    listener(page, profile, "bob&trials=1")  # rates one trial, then closes
-    dom, console = dump_dom(page, profile)  # a new browser on the same profile
+    # rates one trial, then reloads the page without the test hook (in the same browser: a new
+    # browser on the profile would depend on when Chromium flushes its storage to disk)
+    dom, console = listener(page, tmp_path / "profile", "bob&trials=1&reload=1")
     assert console == []
+    assert "data-autotest" not in dom  # the reloaded page, not the scripted one
     assert 'data-listener="bob"' in dom
     assert re.search(r'<progress id="progress" value="1" max="2">', dom)
     assert "unrated" not in dom.split('id="conditions"')[1].split("</div>")[0]

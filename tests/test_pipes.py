@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_stream import RATE, save_parametric, speech  # noqa: F401 (a fixture)
+from conftest import TINY_PARAMETRIC_RATE as RATE
+from test_stream import save_parametric
 
 from vqkit.cli import main
 from vqkit.codec.codec import load_codec

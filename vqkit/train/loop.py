@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from vqkit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vqkit.config import Config, config_to_dict, replace
 from vqkit.data.cache import FeatureCache
-from vqkit.data.dataset import SegmentDataset
+from vqkit.data.dataset import SegmentDataset, make_normaliser
 from vqkit.errors import VqkitError
 from vqkit.files import check_output, remove_temporaries, write_json
 from vqkit.limits import check_threads
@@ -119,9 +119,8 @@ def start(config: Config, data: Path, run: Path, resume: bool, dist: Distributed
     in_shape = input_shape(config, first)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = build_model(config, in_shape)
-    if model.normaliser.meanstd is not None:  # the statistics the data is normalised with
-        stats = {k: torch.from_numpy(cache.stats[k]) for k in ("mean", "std")}
-        model.normaliser.set_statistics(**stats)
+    # the model carries the very normaliser its data goes through (saved in its state dict)
+    model.normaliser.load_state_dict(make_normaliser(cache).state_dict())
     model = model.to(dist.device)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)

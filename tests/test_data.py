@@ -19,6 +19,14 @@ import torch
 from vqkit.audio.stft import DB_FLOOR
 from vqkit.cli import main
 from vqkit.config import Config, load_config
+from vqkit.data.augment import (
+    EQ_DB,
+    LEVEL_DB,
+    LOWPASS_DB_PER_ROW,
+    TILT_DB,
+    channel_gain,
+    through_channel,
+)
 from vqkit.data.cache import FeatureCache
 from vqkit.data.corpora import list_corpus
 from vqkit.data.dataset import SegmentDataset, make_normaliser
@@ -412,6 +420,48 @@ def test_segments_minmax_use_the_items_own_range(
     assert (batch[shortest, :, -1] == low).all()
     loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=data.collate)
     assert next(iter(loader)).shape[:2] == (4, N_BINS)
+
+
+def test_a_channel_shifts_each_row_alike_and_keeps_silence() -> None:
+    x = torch.tensor([[-100.0, -20.0, -30.0], [-100.0, -100.0, -40.0]])
+    gain = np.array([5.0, -70.0])
+    y = through_channel(x, gain, floor_db=-100.0)
+    torch.testing.assert_close(y, torch.tensor([[-100.0, -15.0, -25.0], [-100.0, -100.0, -100.0]]))
+    rng = np.random.default_rng(0)
+    gains = np.stack([channel_gain(40, rng) for _ in range(400)])
+    assert np.abs(gains).max() > 6  # channels really differ ...
+    assert np.all(gains <= LEVEL_DB + TILT_DB / 2 + EQ_DB + 1e-9)  # ... and never boost beyond this
+    assert 0.1 < np.mean(gains[:, -1] < gains[:, -2] - LOWPASS_DB_PER_ROW / 2) < 0.4  # low-passed
+    np.testing.assert_array_equal(
+        channel_gain(40, np.random.default_rng(1)), channel_gain(40, np.random.default_rng(1))
+    )
+
+
+def test_augmented_training_segments(cache_dir: Path) -> None:
+    """Training segments pass through a random channel per segment, reproducibly by seed;
+    validation segments never do."""
+    cache = FeatureCache(cache_dir)
+    norm = make_normaliser(cache)
+    plain = SegmentDataset(cache, "train", 8, train=True, seed=3)
+    augmented = SegmentDataset(cache, "train", 8, train=True, seed=3, augment=1.0)
+    first = augmented[0]
+    x, y = (norm.denormalise(z[None], None)[0] for z in (plain[0], first))
+    above = (x > DB_FLOOR + 1) & (y > DB_FLOOR + 1)
+    shift = torch.where(above, y - x, torch.nan)
+    spread = (shift.nan_to_num(0).amax(1) - shift.nan_to_num(0).amin(1))[above.all(1)]
+    assert spread.numel() > 0 and spread.max() < 1e-3  # one gain per row, the same every frame
+    assert shift.nan_to_num(0).abs().max() > 0.5
+    again = SegmentDataset(cache, "train", 8, train=True, seed=3, augment=1.0)
+    torch.testing.assert_close(again[0], first)
+    val = [SegmentDataset(cache, "val", 8, train=False, augment=a) for a in (0.0, 1.0)]
+    torch.testing.assert_close(val[0][0], val[1][0])
+
+
+def test_augmentation_needs_spectra_without_a_per_item_range() -> None:
+    with pytest.raises(VqkitError, match="train.augment needs spectral features"):
+        load_config(None, ["train.augment=0.5", "features.normalise=minmax"])
+    with pytest.raises(VqkitError, match="0..1"):
+        load_config(None, ["train.augment=2"])
 
 
 def test_cache_refuses_unsafe_or_foreign_files(cache_dir: Path, tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def test_cli_end_to_end(tiny_cache: Path, tmp_path: Path, capsys: pytest.Capture
     run = tmp_path / "run"
     argv = ["train", str(RECIPES / "fsdd_vqvae.toml"), "--data", str(tiny_cache), "--run", str(run)]
     tiny = [*TINY_MODEL, "bottleneck.codebook_size=32", "train.steps=6", "train.log_every=2"]
-    tiny += ["train.eval_every=3", "train.checkpoint_every=3"]
+    tiny += ["train.eval_every=3", "train.checkpoint_every=3", "train.augment=0.5"]
     sets = [arg for value in tiny for arg in ("--set", value)]
     assert main([*argv, *sets]) == 0
 
@@ -120,6 +120,7 @@ def test_cli_end_to_end(tiny_cache: Path, tmp_path: Path, capsys: pytest.Capture
     )
     assert last.config == best.config
     assert saved["model"]["hidden"] == last.config.model.hidden == 32
+    assert saved["train"]["augment"] == last.config.train.augment == 0.5
     assert last.meta["step"] == 6 and last.optimizer is not None and best.optimizer is None
     assert torch.equal(last.model.normaliser.meanstd.mean, torch.from_numpy(cache.stats["mean"]))
     capsys.readouterr()

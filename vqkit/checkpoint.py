@@ -128,7 +128,11 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
 
 # Config keys added after models shipped, left out of the id at their defaults: adding a key must
 # not change every existing model's id (its code files would no longer decode).
-LATER_KEYS = {("model", "encoder_lookahead"): -1, ("model", "decoder_lookahead"): -1}
+LATER_KEYS = {
+    ("model", "encoder_lookahead"): -1,
+    ("model", "decoder_lookahead"): -1,
+    ("train", "augment"): 0.0,
+}
 
 
 def model_id(weights: dict[str, Tensor], config: Config) -> str:

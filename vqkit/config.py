@@ -136,6 +136,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     recon_loss: ReconLoss = "mse"
+    augment: float = 0.0  # share of segments through a random channel (vqkit.data.augment)
     log_every: int = 50
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -222,6 +223,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "train.segment_frames": (0, 2**20),
     "train.lr": (1e-12, 10),
     "train.weight_decay": (0, INF),
+    "train.augment": (0, 1),
     "train.warmup_steps": (0, INF),
     "train.grad_clip": (0, INF),
     "train.log_every": (1, INF),
@@ -262,12 +264,20 @@ def check_value(key: str, value: float, name: str | None = None) -> None:
 
 
 def _check_sums(config: Config) -> None:
-    """Cross-key rules: the held-out fractions leave something to train on."""
-    data = config.data
+    """Cross-key rules: the held-out fractions leave something to train on; channel augmentation
+    only on dB features whose normalisation has no per-item range."""
+    data, features = config.data, config.features
     if data.val_fraction + data.test_fraction >= 1:
         raise VqkitError(
             f"data.val_fraction + data.test_fraction must be below 1, got "
             f"{data.val_fraction:g} + {data.test_fraction:g}"
+        )
+    if config.train.augment > 0 and (
+        features.kind == "image" or features.normalise not in ("none", "meanstd")
+    ):
+        raise VqkitError(
+            "train.augment needs spectral features normalised 'none' or 'meanstd', got "
+            f"features.kind = '{features.kind}', features.normalise = '{features.normalise}'"
         )
 
 

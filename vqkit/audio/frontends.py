@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqkit.audio.envelope import EnvelopeFrontend
+from vqkit.audio.envelope import ENV_FLOOR_DB, EnvelopeFrontend
 from vqkit.audio.stft import DB_FLOOR, Frontend, hz_to_mel_htk, mel_filters, mel_to_hz_htk
 from vqkit.config import FeatureConfig, FeatureKind, choices
 from vqkit.errors import VqkitError
@@ -133,6 +133,12 @@ class RateKFrontend(Frontend):
 
     def to_magnitude(self, features: Tensor) -> Tensor:
         raise VqkitError("ratek features have no inverse to a magnitude spectrum")
+
+
+def floor_db(kind: str) -> float:
+    """The dB value of digital silence in features of ``kind``: the envelope's own floor
+    (:data:`vqkit.audio.envelope.ENV_FLOOR_DB`), else :data:`vqkit.audio.stft.DB_FLOOR`."""
+    return ENV_FLOOR_DB if kind == "envelope" else DB_FLOOR
 
 
 def make_frontend(features: FeatureConfig, sample_rate: int) -> Frontend:

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqkit.audio.stft import DB_FLOOR
+from vqkit.audio.frontends import floor_db
+from vqkit.data.augment import channel_gain, through_channel
 from vqkit.data.cache import FeatureCache
 from vqkit.errors import VqkitError
 from vqkit.nn.normalise import Normaliser
@@ -34,10 +35,14 @@ class SegmentDataset(torch.utils.data.Dataset):
 
     ``train=True`` crops at random (numpy generator seeded by ``seed`` and, in DataLoader workers,
     by the worker's seed); ``train=False`` takes the start. Shorter items are padded after their
-    end with the quietest value before normalising: -100 dB (silence) for "none" and "meanstd",
+    end with the quietest value before normalising: the features' silence
+    (:func:`vqkit.audio.frontends.floor_db`) for "none" and "meanstd",
     the item's own minimum for the min-max kinds (so the padding normalises to ``low``).
     ``segment_frames == 0`` gives whole items; batch them with :meth:`collate`. An image cache
     gives whole images ``(C, H, W)`` in [-0.5, 0.5] whatever ``segment_frames`` is.
+    ``augment`` is the share of training segments passed through a random recording channel
+    (:mod:`vqkit.data.augment`) before normalising; only dB features with the "none" or "meanstd"
+    normalisation take it (the config check says so).
     """
 
     def __init__(
@@ -47,13 +52,15 @@ class SegmentDataset(torch.utils.data.Dataset):
         segment_frames: int,
         train: bool = True,
         seed: int = 0,
+        augment: float = 0.0,
     ) -> None:
         if segment_frames < 0:
             raise VqkitError(f"segment_frames must be >= 0, got {segment_frames}")
         self.cache, self.split, self.segment_frames = cache, split, segment_frames
-        self.train, self.seed = train, seed
+        self.train, self.seed, self.augment = train, seed, augment
         self.items = cache.items(split)
         self.normaliser = make_normaliser(cache)
+        self.floor_db = floor_db(cache.config.features.kind)
         self._rng: np.random.Generator | None = None
         self._rng_owner: object = None
 
@@ -65,13 +72,15 @@ class SegmentDataset(torch.utils.data.Dataset):
         x = torch.from_numpy(self.cache.load(item))
         if self.cache.config.features.kind == "image":
             return x
-        quiet = item["x_min"] if self.normaliser.n_side else DB_FLOOR
+        quiet = item["x_min"] if self.normaliser.n_side else self.floor_db
         n = self.segment_frames
         if n > 0 and x.shape[1] > n:
             start = int(self._generator().integers(0, x.shape[1] - n + 1)) if self.train else 0
             x = x[:, start : start + n]
         elif n > 0 and x.shape[1] < n:
             x = torch.nn.functional.pad(x, (0, n - x.shape[1]), value=quiet)
+        if self.train and self.augment > 0 and self._generator().random() < self.augment:
+            x = through_channel(x, channel_gain(x.shape[0], self._generator()), quiet)
         side = item_side_info(self.normaliser, item)[None]
         with torch.no_grad():
             return self.normaliser.normalise(x[None], side)[0].contiguous()
@@ -89,7 +98,7 @@ class SegmentDataset(torch.utils.data.Dataset):
         """The normalised padding value per bin ``(F,)``."""
         if self.normaliser.n_side:
             return torch.full(like.shape[:1], self.normaliser.low)
-        silence = torch.full((1, like.shape[0], 1), DB_FLOOR)
+        silence = torch.full((1, like.shape[0], 1), self.floor_db)
         return self.normaliser.normalise(silence)[0, :, 0]
 
     def _generator(self) -> np.random.Generator:

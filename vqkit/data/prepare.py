@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -167,6 +168,8 @@ def _chunk_results(
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(src, out, config)) as pool:
         yield pool.imap_unordered(_work, chunks)
+        pool.close()  # all results are in: let the workers finish rather than kill them, since
+        pool.join()  # a worker killed while it holds the task queue's lock leaves the others hung
 
 
 class _Worker:
@@ -231,8 +234,14 @@ _WORKER: _Worker | None = None
 
 
 def _init_worker(src: Path, out: Path, config: Config) -> None:
+    """Set up a pool process: one torch thread (one process per core; this also keeps forked
+    workers off OpenMP), the default SIGTERM and SIGHUP (a forked worker inherits the CLI's
+    handlers, and the pool stops workers with SIGTERM), and Ctrl-C left to the parent."""
     global _WORKER
-    torch.set_num_threads(1)  # one process per core; also keeps forked workers off OpenMP
+    torch.set_num_threads(1)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER = _Worker(src, out, config)
 
 

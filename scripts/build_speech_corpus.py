@@ -6,6 +6,10 @@ rebuilds the same corpus:
 - Asterisk core prompts (G.722, 16 kHz): en/es Allison (f), ru IvrvoiceRU (f) -> train;
   it Carlo (m) and fr June (f) -> test, held out as whole voices.
 - Fish Fillets NG dialogue, Czech and Dutch (Ogg Vorbis, 22.05 kHz, several actors) -> train.
+- KLettres letters and syllables and KTuberling words (one volunteer per language, home
+  microphones) -> train, for the variety of voices and microphones. Every language of the unseen
+  development bench (scripts/build_unseen_bench.py) is left out of both packages, so no bench voice
+  is trained on; short recordings of a voice are joined with short gaps into files of a few seconds.
 
 Output: OUT/train/<voice>/*.wav and OUT/test/<voice>/*.wav, 16 kHz mono 16-bit, and OUT/bench/: a
 fixed selection of held-out sentences (3-10 s, the same number from each held-out voice) for
@@ -25,16 +29,22 @@ from pathlib import Path
 import av
 import numpy as np
 import soundfile as sf
+from build_unseen_bench import GAP_SECONDS, KLETTRES, KTUBERLING, MIN_SOURCE_RATE, TUXPAINT
 
 from vqkit.audio.io import read_audio, write_audio
 
 SAMPLE_RATE = 16000
 ASTERISK = {"en": "train", "es": "train", "ru": "train", "it": "test", "fr": "test"}
 FILLETS = ("cs", "nl")
+# Languages of the unseen bench, in any of its corpora (a volunteer may have recorded for two)
+BENCH_LANGUAGES = {*KLETTRES, *KTUBERLING, *TUXPAINT, "en_GB"}
+KDE_SOUNDS = {"klettres": "klettres", "ktuberling": "ktuberling/sounds"}
 PACKAGES = [f"asterisk-core-sounds-{lang}-g722" for lang in ASTERISK] + [
     f"fillets-ng-data-{lang}" for lang in FILLETS
 ]
+PACKAGES += [f"{name}-data" for name in KDE_SOUNDS]
 MIN_SECONDS = 1.0
+JOINED_SECONDS = 4.0  # short recordings of one voice are joined until a file is this long
 BENCH_SECONDS = (3.0, 10.0)
 
 
@@ -74,6 +84,35 @@ def convert(items: list[tuple[Path, Path]], reader) -> int:
         write_audio(dst, wave, SAMPLE_RATE)
         written += 1
     return written
+
+
+def joined(paths: list[Path]):
+    """Consecutive recordings of one voice joined with :data:`GAP_SECONDS` of silence, yielded as
+    float32 waveforms of at least :data:`JOINED_SECONDS` (the shorter rest is dropped)."""
+    gap = np.zeros(round(GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
+    parts: list[np.ndarray] = []
+    for path in paths:
+        if sf.info(str(path)).samplerate < MIN_SOURCE_RATE:
+            continue
+        parts += [read_audio(path, SAMPLE_RATE)[0], gap]
+        if sum(map(len, parts)) >= JOINED_SECONDS * SAMPLE_RATE:
+            yield np.concatenate(parts[:-1])
+            parts = []
+
+
+def build_kde(root: Path, out: Path) -> None:
+    """KLettres and KTuberling voices whose language is not on the unseen bench -> OUT/train."""
+    for name, folder in KDE_SOUNDS.items():
+        for lang_dir in sorted(p for p in (root / "usr/share" / folder).iterdir() if p.is_dir()):
+            if lang_dir.name in BENCH_LANGUAGES or "@" in lang_dir.name:  # sr@latin: sr again
+                continue
+            paths = sorted(lang_dir.rglob("*.ogg"))
+            voice = out / "train" / f"{name}_{lang_dir.name}"
+            n = 0
+            for n, wave in enumerate(joined(paths), 1):
+                write_audio(voice / f"{n:04d}.wav", wave, SAMPLE_RATE)
+            if n:
+                print(f"{name} {lang_dir.name}: {n} joined files -> train")
 
 
 def select_bench(out: Path, per_voice: int) -> None:
@@ -116,6 +155,7 @@ def build(out: Path, debs: Path) -> None:
             ]
             n = convert(items, lambda p: read_audio(p, SAMPLE_RATE)[0])
             print(f"fillets {lang}: {n} clips -> train")
+        build_kde(root, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,9 +104,9 @@ def spectral_distances(
     (:func:`vqkit.eval.metrics.log_spectral_distance_db`, magnitude dB being power dB, both spectra
     floored :data:`~vqkit.train.losses.LSD_FLOOR_DB` below the reference's loudest bin), applied
     to the model's feature frames instead of to resynthesised audio."""
-    normaliser = dataset.normaliser.to(x.device)
+    normaliser = dataset.normaliser  # on the CPU, where the dataset normalises: never moved
     side = torch.stack([item_side_info(normaliser, dataset.items[i]) for i in indices])
-    side = side.to(x.device)
+    x, x_hat = x.cpu(), x_hat.cpu()
     x_db, x_hat_db = normaliser.denormalise(x, side), normaliser.denormalise(x_hat, side)
     values = {"sd_db": spectral_distortion_db(x_db, x_hat_db).mean().item()}
     if dataset.cache.config.features.kind == "stft":

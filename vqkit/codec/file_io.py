@@ -11,6 +11,7 @@ from vqkit.codec.codec import load_codec
 from vqkit.codec.codefile import EncodedAudio, read_code_file
 from vqkit.errors import VqkitError
 from vqkit.files import AUDIO_SUFFIXES, atomic_write_bytes, check_output
+from vqkit.run import SHIPPED, model_for_codes, model_for_rate
 
 
 def encode_file(
@@ -19,11 +20,12 @@ def encode_file(
     model: str | os.PathLike = "default",
     bitrate: float | None = None,
 ) -> str:
-    """Encode an audio file to a ``.vqc`` code file; returns a one-line summary."""
+    """Encode an audio file to a ``.vqc`` code file; returns a one-line summary. ``"default"``
+    codes 8 kHz input with the shipped narrowband model (:func:`vqkit.run.model_for_rate`)."""
     check_output(output, input, *_model_files(model), refuse_suffixes=AUDIO_SUFFIXES)
-    codec = load_codec(model)
-    n_stages = codec.n_stages(bitrate)  # fail on a bad bitrate before reading anything
     sample_rate, blocks = open_audio_blocks(input)
+    codec = load_codec(model_for_rate(model, sample_rate))
+    n_stages = codec.n_stages(bitrate)  # fail on a bad bitrate before reading the audio
     gain = codec._gain(open_audio_blocks(input)[1]) if codec.config.codec.level_db else 0
     encoded = codec.encode_blocks(blocks, sample_rate, n_stages, gain)
     data = encoded.to_bytes()
@@ -37,10 +39,11 @@ def decode_file(
     model: str | os.PathLike = "default",
     iters: int | None = None,
 ) -> str:
-    """Decode a ``.vqc`` code file to a WAV or FLAC file; returns a one-line summary."""
+    """Decode a ``.vqc`` code file to a WAV or FLAC file; returns a one-line summary.
+    ``"default"`` decodes codes of any shipped model (:func:`vqkit.run.model_for_codes`)."""
     check_output(output, input, *_model_files(model))
     encoded, n_bytes = read_code_file(input)
-    codec = load_codec(model)
+    codec = load_codec(model_for_codes(model, encoded.model_id))
     try:
         blocks = codec.decode_blocks(encoded, iters)
     except VqkitError as e:
@@ -51,8 +54,8 @@ def decode_file(
 
 
 def _model_files(model: str | os.PathLike) -> list[str | os.PathLike]:
-    """The model as an input path that no output may overwrite (none for the shipped one)."""
-    return [] if os.fspath(model) == "default" else [model]
+    """The model as an input path that no output may overwrite (none for a shipped one)."""
+    return [] if os.fspath(model) in SHIPPED else [model]
 
 
 def _rates(encoded: EncodedAudio, n_bytes: int) -> str:

@@ -37,6 +37,7 @@ from vqkit.codec.packets import (
 from vqkit.codec.realtime import StreamDecoder, check_stream
 from vqkit.errors import VqkitError
 from vqkit.files import atomic_path, atomic_write_bytes
+from vqkit.run import model_for_codes, model_for_rate
 
 RAW_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4"}  # --format: raw PCM layouts
 READ_BYTES = 4096  # at most this much raw PCM is taken from a pipe at a time
@@ -55,17 +56,19 @@ def encode_stream(
 ) -> str:
     """Encode raw PCM (a binary file object) or an audio file to a packet stream written to a
     binary file object or a file; returns a one-line summary. ``gain_db`` defaults to the
-    file's level gain for a file and 0 for raw PCM, whose level nobody knows in advance."""
-    codec = load_codec(model)
-    n_stages = codec.n_stages(bitrate)
+    file's level gain for a file and 0 for raw PCM, whose level nobody knows in advance.
+    ``"default"`` codes 8 kHz input with the shipped narrowband model."""
     if isinstance(source, (str, os.PathLike)):
         rate, blocks = open_audio_blocks(source)
+        codec = load_codec(model_for_rate(model, rate))
         if gain_db is None:
             level = codec.config.codec.level_db
             gain_db = codec._gain(open_audio_blocks(source)[1]) if level else 0
     else:
+        codec = load_codec(model if sample_rate is None else model_for_rate(model, sample_rate))
         rate = codec.sample_rate if sample_rate is None else sample_rate
         blocks = read_pcm(source, raw_format)
+    n_stages = codec.n_stages(bitrate)
     encoder = codec.stream_encoder(bitrate, sample_rate=rate, gain_db=gain_db or 0)
     count = 0
     with _output(sink) as out, _pipe_closed():
@@ -105,7 +108,7 @@ def decode_stream(
         if magic == MAGIC:
             return _decode_file(magic + src.read(), sink, model, raw_format)
         header = read_header(src, magic)
-        codec = load_codec(model)
+        codec = load_codec(model_for_codes(model, header.model_id))
         check_stream(codec, header)
         decoder = codec.stream_decoder(header)
         with _audio_output(sink, decoder.sample_rate, raw_format) as write, _pipe_closed():
@@ -121,7 +124,7 @@ def convert_codes(source: Target, sink: Target, model: str | os.PathLike = "defa
         data = _input(source, stack).read()
     if data[: len(MAGIC)] == MAGIC:
         encoded = EncodedAudio.from_bytes(data)
-        codec = load_codec(model)
+        codec = load_codec(model_for_codes(model, encoded.model_id))
         codec._check_encoded(encoded)
         out, kind = encoded_to_stream(encoded, codec.downsample), "packet stream"
     elif data[: len(STREAM_MAGIC)] == STREAM_MAGIC:
@@ -217,7 +220,7 @@ def _layout(header: StreamHeader) -> tuple:
 
 def _decode_file(data: bytes, sink: Target, model: str | os.PathLike, raw_format: str) -> str:
     encoded = EncodedAudio.from_bytes(data)
-    codec = load_codec(model)
+    codec = load_codec(model_for_codes(model, encoded.model_id))
     blocks = codec.decode_blocks(encoded)
     with _audio_output(sink, encoded.orig_sample_rate, raw_format) as write, _pipe_closed():
         for block in blocks:

@@ -10,6 +10,7 @@ bytes each system wrote: ``kbps`` from the codec payload (container and file hea
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import fnmatch
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vqkit.audio.io import fix_length, read_audio, resample, write_audio
+from vqkit.audio.io import fix_length, open_audio_blocks, read_audio, resample, write_audio
 from vqkit.errors import VqkitError
 from vqkit.eval import metrics, perceptual
 from vqkit.eval.baselines import (
@@ -40,7 +41,7 @@ from vqkit.eval.baselines import (
     shift,
 )
 from vqkit.files import atomic_write_bytes, check_output, write_json
-from vqkit.run import RunFolder, resolve_model
+from vqkit.run import SHIPPED, RunFolder, model_for_rate, resolve_model
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 NB_RATE = 8000
@@ -226,6 +227,15 @@ def clip_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
+def native_rates(paths: Sequence[Path]) -> list[int]:
+    """The sample rates of the clips that have one (unreadable ones are reported later)."""
+    rates = []
+    for path in paths:
+        with contextlib.suppress(VqkitError):
+            rates.append(open_audio_blocks(path)[0])
+    return rates
+
+
 def read_clips(
     paths: Sequence[Path], rate: int
 ) -> tuple[list[tuple[str, np.ndarray]], dict[str, str], list[dict[str, str]]]:
@@ -307,7 +317,7 @@ def run_bench(
     The model runs on the caller's torch threads (``vqkit bench`` sets ``--threads``, default 1,
     which makes its real-time factors comparable with the single-threaded Codec 2 and Opus).
     """
-    check_output(out, audio_dir, *([] if os.fspath(model) == "default" else [model]))
+    check_output(out, audio_dir, *([] if os.fspath(model) in SHIPPED else [model]))
     return _bench(Path(audio_dir), Path(out), model, bitrates, baselines, progress, dnsmos)
 
 
@@ -324,7 +334,8 @@ def _bench(
     from vqkit.eval.report import write_report
 
     paths = list_clips(audio_dir)
-    codec = load_codec(model)
+    rates = native_rates(paths)  # all at 8 kHz or below: "default" is the narrowband model
+    codec = load_codec(model_for_rate(model, max(rates)) if rates else model)
     rate = int(codec.sample_rate)
     clips, files, unread = read_clips(paths, rate)
     for name, wave in clips:

@@ -244,7 +244,7 @@ def test_a_stream_lost_from_the_start_without_header(codec) -> None:
 def test_concealer_bridges_a_short_loss_and_fades_a_long_one() -> None:
     from vqkit.codec.conceal import Concealer
 
-    d, n = 4, 12  # 12 packets of 4 frames: 3 envelope rows, F0, voicing
+    d, n = 4, 12  # 12 packets of 4 frames: 3 envelope bands, F0 and voicing
     envelope = torch.linspace(-40, -20, n * d).expand(3, -1)  # a rising level
     window = Frames(envelope, torch.full((n * d,), 200.0), torch.ones(n * d))
     lost = [False] * n

@@ -86,7 +86,9 @@ class Frames:
 
     @staticmethod
     def cat(parts: Sequence[Frames]) -> Frames:
-        """``parts`` joined along the frame axis, in order."""
+        """``parts`` (at least one) joined along the frame axis, in order."""
+        if not parts:
+            raise ValueError("Frames.cat needs at least one part, got none")
         features = torch.cat([part.features for part in parts], -1)
         if parts[0].f0 is None:
             return Frames(features)

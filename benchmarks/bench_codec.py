@@ -25,7 +25,7 @@ import torch
 
 from vqkit.audio.frontends import make_frontend
 from vqkit.audio.io import read_audio
-from vqkit.audio.synthesis import make_synthesiser
+from vqkit.audio.synthesis import Frames, make_synthesiser
 from vqkit.checkpoint import save_checkpoint
 from vqkit.codec.codec import Codec, load_codec
 from vqkit.config import load_config
@@ -69,11 +69,14 @@ def measure(codec: Codec, wave: np.ndarray, repeats: int) -> dict[str, tuple[flo
         "encode": median_seconds(lambda: codec.encode(wave, codec.sample_rate), repeats),
         "decode": median_seconds(lambda: codec.decode(encoded), repeats),
     }
-    codes = torch.from_numpy(encoded.codes.astype(np.int64))
-    features = torch.cat(list(codec._decode_features(codes, encoded.n_frames)), -1)[None]
+    coding, side = codec.side_layout(encoded)
+    frames = Frames.cat(
+        list(codec._decode_frames(encoded.codes, encoded.n_frames, coding, len(side)))
+    )
     synthesiser = make_synthesiser(codec.config.codec, codec.frontend)
     with torch.inference_mode():
-        times["synthesis alone"] = median_seconds(lambda: synthesiser(features, len(wave)), repeats)
+        synthesis = median_seconds(lambda: frames.synthesise(synthesiser, len(wave)), repeats)
+    times["synthesis alone"] = synthesis
     rtf = {name: (wall / seconds, cpu / seconds) for name, (wall, cpu) in times.items()}
     rtf["encode + decode"] = tuple(e + d for e, d in zip(rtf["encode"], rtf["decode"], strict=True))
     return rtf

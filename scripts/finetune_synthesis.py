@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             f0_hat, voiced_hat = pitch_from_codes(pitch_codes(f0, voiced, d), d, f0.shape[-1])
         x_hat = model.decoder(latent)[..., : envelope.shape[-1]]
         envelope_hat = codec.normaliser.denormalise(x_hat, x_hat.new_zeros(1, 0))
-        y = synthesiser.synthesise(envelope_hat, f0_hat, voiced_hat, wave.shape[-1])
+        y = synthesiser(envelope_hat, wave.shape[-1], f0=f0_hat, voiced=voiced_hat)
         loss = stft_loss(y, wave)
         optimizer.zero_grad()
         loss.backward()

@@ -455,7 +455,7 @@ peak = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0
 def run(x):
     envelope, f0, voiced = frontend.analyse(x[None])
     analysed = peak()
-    synthesiser(torch.cat([envelope, f0[:, None], voiced[:, None]], 1), len(x))
+    synthesiser(envelope, len(x), f0=f0, voiced=voiced)
     return analysed
 
 with torch.inference_mode():
@@ -504,11 +504,10 @@ def test_blocks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     t = np.arange(3 * config.audio.sample_rate) / config.audio.sample_rate
     wave = torch.tensor(np.sin(2 * np.pi * 110 * t) * (t > 1), dtype=torch.float32)[None]
     envelope, f0, voiced = frontend.analyse(wave)
-    features = torch.cat([envelope, f0[:, None], voiced[:, None]], 1)
     synthesiser = synthesis_module.HarmonicNoise(frontend, config.codec.noise_voiced)
-    blocked = (frontend.pitch(wave), synthesiser(features, wave.shape[-1]))
+    blocked = (frontend.pitch(wave), synthesiser(envelope, wave.shape[-1], f0=f0, voiced=voiced))
     monkeypatch.setattr(envelope_module, "YIN_BLOCK_FRAMES", 10**9)
     monkeypatch.setattr(synthesis_module, "SYNTHESIS_BLOCK_FRAMES", 10**9)
-    whole = (frontend.pitch(wave), synthesiser(features, wave.shape[-1]))
+    whole = (frontend.pitch(wave), synthesiser(envelope, wave.shape[-1], f0=f0, voiced=voiced))
     assert all(torch.equal(a, b) for a, b in zip(blocked[0], whole[0], strict=True))
     assert torch.allclose(blocked[1], whole[1], atol=1e-5)

@@ -17,7 +17,7 @@ from conftest import save_random_codec, tiny_parametric_config
 
 from vqkit.audio.envelope import F0_MAX, F0_MIN, EnvelopeFrontend, fill_unvoiced
 from vqkit.audio.frontends import make_frontend
-from vqkit.audio.synthesis import HarmonicNoise, make_synthesiser
+from vqkit.audio.synthesis import Frames, HarmonicNoise, make_synthesiser
 from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
 from vqkit.codec.codec import Codec, load_codec
@@ -92,7 +92,7 @@ def test_resynthesis_keeps_level_and_pitch(frontend: EnvelopeFrontend, f0: float
     synthesiser = HarmonicNoise(frontend, noise_voiced=0.0)
     tone = harmonic_tone(f0, seconds=1.0)
     envelope, track, voiced = frontend.analyse(torch.from_numpy(tone))
-    out = synthesiser.synthesise(envelope, track, voiced, len(tone))[0].numpy()
+    out = synthesiser(envelope, len(tone), f0=track, voiced=voiced)[0].numpy()
     inner = slice(RATE // 10, -RATE // 10)
     level = 10 * np.log10(np.mean(out[inner] ** 2) / np.mean(tone[inner] ** 2))
     assert abs(level) < 1.0
@@ -103,7 +103,7 @@ def test_resynthesis_keeps_level_and_pitch(frontend: EnvelopeFrontend, f0: float
 def test_noise_is_resynthesised_at_its_level(frontend: EnvelopeFrontend) -> None:
     noise = np.random.default_rng(2).normal(0, 0.05, RATE).astype(np.float32)
     envelope, track, voiced = frontend.analyse(torch.from_numpy(noise))
-    out = HarmonicNoise(frontend, 0.03).synthesise(envelope, track, voiced * 0, len(noise))
+    out = HarmonicNoise(frontend, 0.03)(envelope, len(noise), f0=track, voiced=voiced * 0)
     level = 10 * np.log10(out[0].square().mean().item() / np.mean(noise**2))
     assert abs(level) < 1.0
 
@@ -113,11 +113,39 @@ def test_synthesis_is_differentiable_and_deterministic(frontend: EnvelopeFronten
     tone = torch.from_numpy(harmonic_tone(160, 0.3))
     envelope, track, voiced = frontend.analyse(tone)
     envelope.requires_grad_(True)
-    out = synthesiser.synthesise(envelope, track, voiced, tone.shape[0])
+    out = synthesiser(envelope, tone.shape[0], f0=track, voiced=voiced)
     (grad,) = torch.autograd.grad(out.square().sum(), envelope)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-    again = synthesiser(torch.cat([envelope, track[:, None], voiced[:, None]], 1), tone.shape[0])
-    torch.testing.assert_close(out, again)
+    frames = Frames(envelope[0].detach(), track[0], voiced[0])
+    torch.testing.assert_close(
+        out[0], frames.synthesise(synthesiser, tone.shape[0]), rtol=0, atol=0
+    )
+
+
+def test_synthesis_takes_pitch_and_voicing_by_name(frontend: EnvelopeFrontend) -> None:
+    synthesiser = HarmonicNoise(frontend, 0.03)
+    envelope, track, voiced = frontend.analyse(torch.from_numpy(harmonic_tone(160, 0.3)))
+    with pytest.raises(TypeError, match="f0"):
+        synthesiser(envelope, 100)  # the old rows-stacked call
+    with pytest.raises(ValueError, match=r"f0 and voiced \(B, N\), got .*\(1, 5\)"):
+        synthesiser(envelope, 100, f0=track[:, :5], voiced=voiced)
+    with pytest.raises(ValueError, match="Frames.voiced must be"):
+        Frames(envelope[0], track[0], voiced[0, 1:])
+    with pytest.raises(ValueError, match="both f0 and voiced"):
+        Frames(envelope[0], track[0])
+
+
+def test_frames_cut_and_join_along_the_frame_axis() -> None:
+    features, f0, voiced = torch.randn(3, 10), torch.rand(10) * 100 + 80, torch.rand(10)
+    frames = Frames(features, f0, voiced)
+    assert frames.n_frames == 10 and frames[2:7].n_frames == 5
+    torch.testing.assert_close(frames[2:7].features, features[:, 2:7])
+    torch.testing.assert_close(frames[-1:].f0, f0[-1:])
+    joined = Frames.cat([frames[:4], frames[4:]])
+    for name in ("features", "f0", "voiced"):
+        assert torch.equal(getattr(joined, name), getattr(frames, name))
+    plain = Frames.cat([Frames(features[:, :3]), Frames(features[:, 3:])])
+    assert plain.f0 is None and plain.voiced is None and torch.equal(plain.features, features)
 
 
 def test_pitch_codes_round_trip() -> None:

@@ -13,6 +13,7 @@ from conftest import save_random_codec, tiny_parametric_config
 
 from vqkit.audio.frontends import make_frontend
 from vqkit.audio.io import read_audio
+from vqkit.audio.synthesis import Frames
 from vqkit.codec.codec import load_codec
 from vqkit.codec.packets import (
     StreamHeader,
@@ -75,11 +76,13 @@ def test_stream_codes_equal_whole_file_codes(
     # (a random model's k-means codebook has duplicate entries) an identical code vector.
     np.testing.assert_array_equal(codes[:3, :-1], encoded.codes[:3, :-1])  # pitch and voicing
     with torch.no_grad():
-        features = [
+        frames = [
             codec.decode_window(torch.from_numpy(c[:, :-1].astype(np.int64)))
             for c in (codes, encoded.codes)
         ]
-    torch.testing.assert_close(features[0], features[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(frames[0].features, frames[1].features, atol=1e-4, rtol=0)
+    assert torch.equal(frames[0].f0, frames[1].f0)
+    assert torch.equal(frames[0].voiced, frames[1].voiced)
     assert len(out) == len(packets) * header.frame_samples - 1 and np.isfinite(out).all()
 
 
@@ -241,19 +244,25 @@ def test_a_stream_lost_from_the_start_without_header(codec) -> None:
 def test_concealer_bridges_a_short_loss_and_fades_a_long_one() -> None:
     from vqkit.codec.conceal import Concealer
 
-    d, n = 4, 12  # 12 packets of 4 frames: 3 envelope rows, F0, voicing
-    window = torch.zeros(5, n * d)
-    window[:3] = torch.linspace(-40, -20, n * d)  # a rising level
-    window[3], window[4] = 200.0, 1.0
+    d, n = 4, 12  # 12 packets of 4 frames: 3 envelope bands, F0 and voicing
+    envelope = torch.linspace(-40, -20, n * d).expand(3, -1)  # a rising level
+    window = Frames(envelope, torch.full((n * d,), 200.0), torch.ones(n * d))
     lost = [False] * n
     lost[3] = True  # one packet: bridged from the frame before to the frame after
     out = Concealer(d)(window, lost, 0, 8)
-    torch.testing.assert_close(out[:, 12:16], window[:, 12:16])  # a straight line stays one
+    assert out.n_frames == 8 * d
+    torch.testing.assert_close(out.features[:, 12:16], envelope[:, 12:16])  # a line stays one
+    torch.testing.assert_close(out.f0[12:16], window.f0[12:16])
     lost = [False] * 3 + [True] * 9  # the rest lost, no packet after: held, then faded
     out = Concealer(d)(window, lost, 0, n)
-    torch.testing.assert_close(out[:3, 12:16], window[:3, 11:12].expand(3, 4))  # held
-    assert out[4, -1] == 0 and out[4, 12] == 1  # voicing faded out
-    assert (out[:3, -1] <= window[:3, 11]).all()  # towards the background, never louder
+    torch.testing.assert_close(out.features[:, 12:16], envelope[:, 11:12].expand(3, 4))  # held
+    assert out.voiced[-1] == 0 and out.voiced[12] == 1  # voicing faded out
+    assert (out.f0 == 200.0).all()  # the pitch held
+    assert (out.features[:, -1] <= envelope[:, 11]).all()  # towards the background, never louder
+    out = Concealer(d)(Frames(envelope), lost, 0, n)  # features without pitch: the same fade
+    assert out.f0 is None and (out.features[:, -1] <= envelope[:, 11]).all()
+    silence = Concealer(d)(window, [True] * n, 0, 2)  # nothing arrived yet
+    assert (silence.voiced == 0).all() and (silence.features == silence.features[0, 0]).all()
 
 
 def test_lookahead_keys_need_a_1d_model() -> None:

@@ -3,8 +3,9 @@
 A synthesiser turns features ``(B, F, N)`` into a waveform ``(B, T)``. There are two, each
 registered in :func:`make_synthesiser`: Griffin-Lim on the linear magnitude of ``stft`` and
 ``mel`` features (``codec.synthesis = "griffinlim"``), and the harmonic-plus-noise synthesiser of
-``envelope`` features, whose rows are the envelope in dB, F0 and voicing
-(``"harmonic"``, :class:`HarmonicNoise`).
+``envelope`` features, which also takes F0 and voicing by name (``"harmonic"``,
+:class:`HarmonicNoise`). :class:`Frames` carries features and that side information together,
+frame by frame, through the codec's buffers.
 
 :func:`vqkit.codec.stream.synthesise_chunked` runs any synthesiser on overlapping windows of a
 feature stream and joins them with a crossfade, so memory stays bounded however long the recording.
@@ -20,6 +21,8 @@ white noise come back at the level it was analysed at.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -40,11 +43,63 @@ SYNTHESIS_BLOCK_FRAMES = 32
 class Synthesiser(Protocol):
     """Features ``(B, F, N)`` -> waveform ``(B, T)`` with ``T = length``; frame ``i`` is centred
     on sample ``i * hop_length``. ``first_frame`` is where the features start in a longer stream
-    synthesised window by window, for synthesisers that keep a phase going across windows."""
+    synthesised window by window, for synthesisers that keep a phase going across windows. Side
+    information comes by name (the harmonic synthesiser's ``f0`` and ``voiced``, ``(B, N)``)."""
 
     hop_length: int
 
-    def __call__(self, features: Tensor, length: int, first_frame: int = 0) -> Tensor: ...
+    def __call__(
+        self, features: Tensor, length: int, first_frame: int = 0, **side: Tensor
+    ) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Frames:
+    """What a synthesiser takes, frame by frame: ``features`` ``(..., F, N)`` (in dB) and, for
+    the harmonic synthesiser, F0 in Hz and voicing (0..1) ``(..., N)``; None for the others.
+    The frame axis is the last of each, so the three are cut and joined together."""
+
+    features: Tensor
+    f0: Tensor | None = None
+    voiced: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.f0 is None) != (self.voiced is None):
+            raise ValueError("Frames need both f0 and voiced, or neither")
+        expected = self.features.shape[:-2] + self.features.shape[-1:]
+        for name, side in (("f0", self.f0), ("voiced", self.voiced)):
+            if side is not None and side.shape != expected:
+                raise ValueError(
+                    f"Frames.{name} must be {tuple(expected)} to fit features "
+                    f"{tuple(self.features.shape)}, got {tuple(side.shape)}"
+                )
+
+    @property
+    def n_frames(self) -> int:
+        return self.features.shape[-1]
+
+    def __getitem__(self, frames: slice) -> Frames:
+        """The frames ``frames`` (a slice along the frame axis) of every tensor."""
+        if self.f0 is None:
+            return Frames(self.features[..., frames])
+        return Frames(self.features[..., frames], self.f0[..., frames], self.voiced[..., frames])
+
+    @staticmethod
+    def cat(parts: Sequence[Frames]) -> Frames:
+        """``parts`` (at least one) joined along the frame axis, in order."""
+        if not parts:
+            raise ValueError("Frames.cat needs at least one part, got none")
+        features = torch.cat([part.features for part in parts], -1)
+        if parts[0].f0 is None:
+            return Frames(features)
+        f0 = torch.cat([part.f0 for part in parts], -1)
+        return Frames(features, f0, torch.cat([part.voiced for part in parts], -1))
+
+    def synthesise(self, synthesiser: Synthesiser, length: int, first_frame: int = 0) -> Tensor:
+        """Unbatched frames (``features`` ``(F, N)``, side ``(N,)``) through ``synthesiser`` as a
+        batch of one, side information passed by name: the waveform ``(length,)``."""
+        side = {} if self.f0 is None else {"f0": self.f0[None], "voiced": self.voiced[None]}
+        return synthesiser(self.features[None], length, first_frame, **side)[0]
 
 
 class GriffinLim:
@@ -125,8 +180,8 @@ def make_synthesiser(
 
 
 class HarmonicNoise(torch.nn.Module):
-    """The synthesiser of ``codec.synthesis = "harmonic"``: features ``(B, K + 2, N)`` (the
-    envelope in dB, then F0 in Hz and voicing as the last two rows) -> waveform ``(B, T)``.
+    """The synthesiser of ``codec.synthesis = "harmonic"``: the envelope in dB ``(B, K, N)``,
+    F0 in Hz and voicing ``(B, N)`` -> waveform ``(B, T)``.
 
     Differentiable in the envelope; frame ``i`` is centred on sample ``i * hop_length``. The noise
     is seeded, so the same features give the same waveform. Called window by window on a stream
@@ -146,20 +201,25 @@ class HarmonicNoise(torch.nn.Module):
         bins = torch.arange(frontend.n_fft // 2 + 1) * self.sample_rate / frontend.n_fft
         self.register_buffer("bin_mel", hz_to_mel_htk(bins), persistent=False)
 
-    def forward(self, features: Tensor, length: int, first_frame: int = 0) -> Tensor:
-        env_db, f0, voiced = features[:, :-2], features[:, -2], features[:, -1]
+    def forward(
+        self, features: Tensor, length: int, first_frame: int = 0, *, f0: Tensor, voiced: Tensor
+    ) -> Tensor:
+        """The waveform ``(B, length)`` of the envelope ``features`` ``(B, K, N)`` (dB), ``f0``
+        (Hz) and ``voiced`` ``(B, N)``; ``first_frame`` as in :class:`Synthesiser`."""
+        expected = (features.shape[0], features.shape[-1])
+        if features.dim() != 3 or f0.shape != expected or voiced.shape != expected:
+            raise ValueError(
+                f"expected an envelope (B, K, N) with f0 and voiced (B, N), got "
+                f"{tuple(features.shape)}, {tuple(f0.shape)} and {tuple(voiced.shape)}"
+            )
         start = torch.zeros_like(f0[:, :1])
         if first_frame and self._phases is not None:  # continue the previous window's phase
             offset, phases = self._phases
             if offset <= first_frame < offset + phases.shape[-1]:
                 start = phases[:, first_frame - offset, None]
-        wave, phases = self._synthesise(env_db, f0, voiced, length, start, first_frame)
-        self._phases = first_frame, phases
+        wave, phases = self._synthesise(features, f0, voiced, length, start, first_frame)
+        self._phases = first_frame, phases.detach()
         return wave
-
-    def synthesise(self, env_db: Tensor, f0: Tensor, voiced: Tensor, length: int) -> Tensor:
-        """Envelope dB ``(B, K, N)``, F0 Hz ``(B, N)``, voicing ``(B, N)`` -> ``(B, length)``."""
-        return self._synthesise(env_db, f0, voiced, length, torch.zeros_like(f0[:, :1]), 0)[0]
 
     def _synthesise(
         self, env_db: Tensor, f0: Tensor, voiced: Tensor, length: int, start: Tensor, seed: int

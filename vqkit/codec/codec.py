@@ -39,7 +39,7 @@ from vqkit.audio.io import (
     exact_length,
     resample_stream,
 )
-from vqkit.audio.synthesis import make_synthesiser, postfilter
+from vqkit.audio.synthesis import Frames, make_synthesiser, postfilter
 from vqkit.checkpoint import Checkpoint, load_checkpoint
 from vqkit.codec.codefile import EncodedAudio, bits_per_code, read_code_file
 from vqkit.codec.packets import StreamHeader
@@ -198,9 +198,9 @@ class Codec:
         window = self.chunk_codes * self.downsample
         overlap = max(2, min(2 * math.ceil(self.frontend.n_fft / hop), window // 2))
         coding, side = self.side_layout(encoded)
-        features = self._decode_features(encoded.codes, n_frames, coding, len(side))
+        frames = self._decode_frames(encoded.codes, n_frames, coding, len(side))
         scale = np.float32(10 ** (-encoded.gain_db / 20))
-        waves = synthesise_chunked(synthesiser, features, n_frames, length, window, overlap)
+        waves = synthesise_chunked(synthesiser, frames, n_frames, length, window, overlap)
         waves = (wave * scale for wave in waves)
         waves = exact_length(resample_stream(waves, sr, osr), encoded.length)
         return (soft_limit(wave) for wave in waves)
@@ -269,11 +269,11 @@ class Codec:
             [float((weights * 10 ** (x[0, :, frames] / 10)).sum()) for x in (envelope, x_hat)]
         )
 
-    def _decode_features(
+    def _decode_frames(
         self, codes: np.ndarray, n_frames: int, coding: str | None, n_side: int
-    ) -> Iterator[Tensor]:
-        """Features in dB ``(F, N_i)`` of codes ``(Q, N')`` (uint16) whose first ``n_side`` rows
-        are side codes in ``coding``, chunk by chunk, ``n_frames`` in all. Each chunk's codes
+    ) -> Iterator[Frames]:
+        """The frames (:meth:`decode_window`) of codes ``(Q, N')`` (uint16) whose first ``n_side``
+        rows are side codes in ``coding``, chunk by chunk, ``n_frames`` in all. Each chunk's codes
         become int64 only when it is decoded."""
         d, margin, n_codes = self.downsample, self.margins[1], codes.shape[1]
         for start in range(0, n_codes, self.chunk_codes):
@@ -281,8 +281,8 @@ class Codec:
             first, last = max(0, start - margin), min(n_codes, stop + margin)
             chunk = torch.from_numpy(codes[:, first:last].astype(np.int64))
             with torch.inference_mode():
-                x_hat = self.decode_window(chunk, coding, n_side)
-            yield x_hat[:, (start - first) * d : min(stop * d, n_frames) - first * d]
+                frames = self.decode_window(chunk, coding, n_side)
+            yield frames[(start - first) * d : min(stop * d, n_frames) - first * d]
 
     def encode_window(self, wave: Tensor, frames: slice, n_stages: int) -> Tensor:
         """Codes ``(Q, L)`` of the feature frames ``frames`` (from a code frame's first) of a
@@ -305,21 +305,21 @@ class Codec:
 
     def decode_window(
         self, codes: Tensor, coding: str | None = None, n_side: int | None = None
-    ) -> Tensor:
-        """Features in dB ``(F, L * downsample)`` of consecutive code frames ``(Q, L)`` whose
-        first ``n_side`` rows are side codes in ``coding`` (default: this codec's own); a
-        parametric model's F0 and voicing are the last two rows."""
+    ) -> Frames:
+        """The frames of consecutive code frames ``(Q, L)`` whose first ``n_side`` rows are side
+        codes in ``coding`` (default: this codec's own): features in dB ``(F, L * downsample)``
+        and, for a parametric model, F0 (Hz) and voicing ``(L * downsample,)``."""
         n_side = len(self.side) if n_side is None else n_side
         side, codes = codes[:n_side], codes[n_side:]
         x_hat = self.model.decode(codes[None])
         no_side = x_hat.new_zeros(1, 0)  # meanstd and none need no side information
         x_hat = self.normaliser.denormalise(x_hat, no_side)[0]
         x_hat = postfilter(x_hat, self.config.codec.postfilter, self.bandwidths)
-        if self.parametric:  # F0 and voicing become the last two rows
-            coding = self.side_coding if coding is None else coding
-            f0, voiced = side_from_codes(side[None], self.downsample, x_hat.shape[-1], coding)
-            x_hat = torch.cat([x_hat, f0, voiced])
-        return x_hat
+        if not self.parametric:
+            return Frames(x_hat)
+        coding = self.side_coding if coding is None else coding
+        f0, voiced = side_from_codes(side[None], self.downsample, x_hat.shape[-1], coding)
+        return Frames(x_hat, f0[0], voiced[0])
 
     @functools.cached_property
     def lookahead(self) -> Lookahead:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from vqkit.audio.envelope import ENV_FLOOR_DB, UNVOICED_F0
+from vqkit.audio.synthesis import Frames
 
 BRIDGE_PACKETS = 5  # losses this short are bridged when the packet after them has arrived
 HOLD_PACKETS = 1  # lost packets whose envelope and voicing are the last ones, unchanged
@@ -29,69 +30,68 @@ BACKGROUND_RISE_DB = 0.05  # per frame: how fast the background estimate follows
 class Concealer:
     """Tracks the last decoded frame and the background; fills lost packets.
 
-    Features are ``(K + 2, N)``: the envelope in dB, then F0 (Hz) and voicing, as the harmonic
-    synthesiser takes them; other feature kinds are concealed as the envelope rows alone (their
-    level fades to the background the same way).
+    Frames carry the envelope in dB and, for the harmonic synthesiser, F0 (Hz) and voicing;
+    other feature kinds are concealed as the envelope alone (their level fades to the background
+    the same way).
     """
 
-    def __init__(self, downsample: int, parametric: bool = True) -> None:
-        self.downsample, self.parametric = downsample, parametric
-        self.last: Tensor | None = None  # the last frame that arrived (K + 2,)
+    def __init__(self, downsample: int) -> None:
+        self.downsample = downsample
+        self.last: Frames | None = None  # the last frame that arrived (one frame)
         self.background: Tensor | None = None  # per band, dB
         self.n_lost = 0  # frames concealed since the last one that arrived
 
-    def __call__(self, window: Tensor, lost: list[bool], start: int, stop: int) -> Tensor:
-        """The frames of packets ``[start, stop)`` of a decoded window ``(F, len(lost) * d)``
-        (``lost`` flags each of its packets), lost packets' frames replaced."""
-        d = self.downsample
-        out = window[:, start * d : stop * d].clone()
+    def __call__(self, window: Frames, lost: list[bool], start: int, stop: int) -> Frames:
+        """The frames of packets ``[start, stop)`` of a decoded window of ``len(lost) * d``
+        unbatched frames (``lost`` flags each of its packets), lost packets' frames replaced."""
+        d, parts = self.downsample, []
         for i in range(start, stop):
-            frames = slice((i - start) * d, (i - start + 1) * d)
             if not lost[i]:
-                self._observe(window[:, i * d : (i + 1) * d])
+                parts.append(window[i * d : (i + 1) * d])
+                self._observe(parts[-1])
                 continue
             after = next((k for k in range(i, len(lost)) if not lost[k]), None)
             run = None if after is None else after - i + self.n_lost // d  # packets in the loss
             if run is not None and run <= BRIDGE_PACKETS and self.last is not None:
-                out[:, frames] = self._bridge(window[:, after * d], run * d)
+                parts.append(self._bridge(window[after * d : after * d + 1], run * d))
             else:
-                out[:, frames] = self._extrapolate(d, window.shape[0])
-        return out
+                parts.append(self._extrapolate(d, window))
+        return Frames.cat(parts)
 
-    def _observe(self, frames: Tensor) -> None:
-        envelope = frames[:-2] if self.parametric else frames
-        for n in range(frames.shape[-1]):
+    def _observe(self, frames: Frames) -> None:
+        envelope = frames.features
+        for n in range(frames.n_frames):
             if self.background is None:
                 self.background = envelope[:, n].clone()
             self.background = torch.minimum(self.background + BACKGROUND_RISE_DB, envelope[:, n])
-        self.last, self.n_lost = frames[:, -1].clone(), 0
+        self.last, self.n_lost = frames[-1:], 0
 
-    def _bridge(self, following: Tensor, gap: int) -> Tensor:
+    def _bridge(self, following: Frames, gap: int) -> Frames:
         """The next ``downsample`` frames of a ``gap``-frame loss between :attr:`last` and the
-        frame ``following`` it ``(F,)``: linear in dB, log-F0 and voicing."""
-        d = self.downsample
+        frame ``following`` it: linear in dB, log-F0 and voicing."""
+        d, last = self.downsample, self.last
         w = ((self.n_lost + torch.arange(1, d + 1)) / (gap + 1))[None]  # (1, d)
         self.n_lost += d
-        last, following = self.last[:, None], following[:, None]
-        out = last + w * (following - last)
-        if self.parametric:
-            out[-2] = torch.exp(torch.log(last[-2]) + w[0] * torch.log(following[-2] / last[-2]))
-        return out
+        features = last.features + w * (following.features - last.features)
+        if last.f0 is None:
+            return Frames(features)
+        f0 = torch.exp(torch.log(last.f0) + w[0] * torch.log(following.f0 / last.f0))
+        return Frames(features, f0, last.voiced + w[0] * (following.voiced - last.voiced))
 
-    def _extrapolate(self, n: int, rows: int) -> Tensor:
+    def _extrapolate(self, n: int, like: Frames) -> Frames:
+        """The next ``n`` frames of a loss no arrived frame ends; ``like`` has their layout."""
+        parametric = like.f0 is not None
         if self.last is None:  # nothing arrived yet: silence
-            out = torch.full((rows, n), ENV_FLOOR_DB)
-            if self.parametric:
-                out[-2:] = torch.tensor([UNVOICED_F0, 0.0])[:, None]
-            return out
-        d = self.downsample
+            features = torch.full((like.features.shape[0], n), ENV_FLOOR_DB)
+            if not parametric:
+                return Frames(features)
+            return Frames(features, torch.full((n,), UNVOICED_F0), torch.zeros(n))
+        d, last = self.downsample, self.last
         k = self.n_lost + torch.arange(1, n + 1)  # how many frames into the loss
         fade = ((k - HOLD_PACKETS * d) / (FADE_PACKETS * d)).clamp(0, 1)  # 0 held .. 1 comfort
         self.n_lost += n
-        out = self.last[:, None].expand(rows, n).clone()
-        envelope_rows = slice(0, rows - 2) if self.parametric else slice(0, rows)
-        envelope = out[envelope_rows]
-        out[envelope_rows] = envelope + fade * (self.background[:, None] - envelope)
-        if self.parametric:  # F0 held, voicing faded
-            out[-1] = out[-1] * (1 - fade)
-        return out
+        envelope = last.features.expand(-1, n)
+        features = envelope + fade * (self.background[:, None] - envelope)
+        if not parametric:
+            return Frames(features)
+        return Frames(features, last.f0.expand(n).clone(), last.voiced.expand(n) * (1 - fade))

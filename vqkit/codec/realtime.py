@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from vqkit.audio.envelope import EnvelopeFrontend
-from vqkit.audio.synthesis import make_synthesiser
+from vqkit.audio.synthesis import Frames, make_synthesiser
 from vqkit.codec.codefile import packed_size
 from vqkit.codec.conceal import Concealer
 from vqkit.codec.packets import StreamHeader, pack_packet, unpack_packet
@@ -50,7 +50,6 @@ class Codec(Protocol):
     hop_length: int
     downsample: int
     n_codebooks: int
-    parametric: bool
     side: tuple[int, ...]
     config: Config
     frontend: nn.Module
@@ -61,7 +60,7 @@ class Codec(Protocol):
 
     def encode_window(self, wave: Tensor, frames: slice, n_stages: int) -> Tensor: ...
 
-    def decode_window(self, codes: Tensor) -> Tensor: ...
+    def decode_window(self, codes: Tensor) -> Frames: ...
 
 
 def reach_sides(net: nn.Module, channels: int, factor: int, downsampling: bool) -> tuple[int, int]:
@@ -247,7 +246,7 @@ class StreamDecoder:
         self.synthesiser = WindowSynthesiser(
             make_synthesiser(codec.config.codec, codec.frontend), codec.downsample
         )
-        self.concealer = Concealer(codec.downsample, codec.parametric)
+        self.concealer = Concealer(codec.downsample)
         self.codes: list[np.ndarray] = []  # code frames not yet decoded for good, and context
         self.lost: list[bool] = []
         self.offset = 0  # code frame index of codes[0]
@@ -310,14 +309,14 @@ class StreamDecoder:
         first = max(self.offset, start - la.decoder_back)
         codes = np.stack(self.codes[first - self.offset :], 1).astype(np.int64)
         with torch.inference_mode():
-            window = self.codec.decode_window(torch.from_numpy(codes))  # (F, L * d)
+            window = self.codec.decode_window(torch.from_numpy(codes))  # L * d frames
             lost = self.lost[first - self.offset :]
-            features = self.concealer(window, lost, start - first, stop - first)
+            frames = self.concealer(window, lost, start - first, stop - first)
         self.next_code = stop
         keep = max(self.offset, stop - la.decoder_back)
         self.codes, self.lost = self.codes[keep - self.offset :], self.lost[keep - self.offset :]
         self.offset = keep
-        return self.synthesiser.push(features, hold=final)
+        return self.synthesiser.push(frames, hold=final)
 
     def _out(self, wave: np.ndarray, last: bool = False) -> np.ndarray:
         """Model-rate samples to the output: the encoder's gain undone, resampled."""

@@ -1,7 +1,8 @@
-"""Chunked synthesis: any synthesiser run window by window over a feature stream, the windows
-joined by a crossfade, so memory stays bounded however long the recording; its streaming form
-for real-time decoding, fed a packet's frames at a time (:class:`WindowSynthesiser`); and the
-soft limiter that keeps decoded audio below full scale."""
+"""Chunked synthesis: any synthesiser run window by window over a stream of
+:class:`~vqkit.audio.synthesis.Frames` (features, and pitch and voicing where the synthesiser
+takes them), the windows joined by a crossfade, so memory stays bounded however long the
+recording; its streaming form for real-time decoding, fed a packet's frames at a time
+(:class:`WindowSynthesiser`); and the soft limiter that keeps decoded audio below full scale."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from vqkit.audio.synthesis import Synthesiser
+from vqkit.audio.synthesis import Frames, Synthesiser
 
 
 def crossfade(tail: np.ndarray, head: np.ndarray) -> np.ndarray:
@@ -46,32 +46,32 @@ def soft_limit(wave: np.ndarray) -> np.ndarray:
 
 def synthesise_chunked(
     synthesiser: Synthesiser,
-    features: Iterable[Tensor],
+    frames: Iterable[Frames],
     n_frames: int,
     length: int,
     window_frames: int,
     overlap_frames: int,
 ) -> Iterator[np.ndarray]:
-    """Synthesise a feature stream window by window; yield consecutive wave blocks ``(T_i,)``.
+    """Synthesise a stream of frames window by window; yield consecutive wave blocks ``(T_i,)``.
 
-    ``features`` yields consecutive chunks ``(F, N_i)`` (in dB) that add up to ``n_frames``;
-    the blocks add up to ``length`` samples. Window ``k`` owns frames ``[kW, (k+1)W)`` and is
-    synthesised with ``overlap_frames`` more on each side; neighbours are crossfaded over
-    ``overlap_frames * hop_length`` samples centred on their boundary. One window covering
-    everything is exactly ``synthesiser(features, length)``.
+    ``frames`` yields consecutive unbatched chunks (features ``(F, N_i)`` in dB, side ``(N_i,)``)
+    that add up to ``n_frames``; the blocks add up to ``length`` samples. Window ``k`` owns frames
+    ``[kW, (k+1)W)`` and is synthesised with ``overlap_frames`` more on each side; neighbours are
+    crossfaded over ``overlap_frames * hop_length`` samples centred on their boundary. One window
+    covering everything is exactly ``Frames.cat(frames).synthesise(synthesiser, length)``.
     """
     hop, margin = synthesiser.hop_length, overlap_frames
     if window_frames < 2 * margin or margin < 2:
         raise ValueError(f"need window_frames >= 2 * overlap_frames >= 4, got {window_frames}")
     fade = margin * hop // 2  # half the crossfade, in samples
-    buffer, start = _FrameBuffer(iter(features)), 0  # next sample to emit
+    buffer, start = _FrameBuffer(iter(frames)), 0  # next sample to emit
     tail = np.zeros(0, dtype=np.float32)  # the previous window's share of the next crossfade
     for k in range(math.ceil(n_frames / window_frames)):
         first = max(0, k * window_frames - margin)
         last = min(n_frames, (k + 1) * window_frames + margin)  # frames [first, last)
         reach = length if last == n_frames else (last - 1) * hop + 1
         with torch.inference_mode():
-            wave = synthesiser(buffer.take(first, last)[None], reach - first * hop, first)[0]
+            wave = buffer.take(first, last).synthesise(synthesiser, reach - first * hop, first)
         wave = wave.numpy()  # samples [first * hop, reach)
         boundary = min((k + 1) * window_frames * hop, length)
         end = length if boundary == length else boundary - fade  # emit [start, end)
@@ -84,28 +84,29 @@ def synthesise_chunked(
 
 
 class _FrameBuffer:
-    """Frames of a chunked feature stream, kept from the oldest still needed."""
+    """Frames of a chunked stream, kept from the oldest still needed."""
 
-    def __init__(self, chunks: Iterator[Tensor]) -> None:
-        self.chunks, self.frames, self.offset = chunks, None, 0
+    def __init__(self, chunks: Iterator[Frames]) -> None:
+        self.chunks, self.offset = chunks, 0
+        self.frames: Frames | None = None
 
-    def take(self, first: int, last: int) -> Tensor:
-        """Frames ``[first, last)`` ``(F, last - first)``; earlier frames are dropped for good."""
-        while self.frames is None or self.offset + self.frames.shape[-1] < last:
+    def take(self, first: int, last: int) -> Frames:
+        """Frames ``[first, last)``; earlier frames are dropped for good."""
+        while self.frames is None or self.offset + self.frames.n_frames < last:
             chunk = next(self.chunks, None)
             if chunk is None:
                 raise ValueError(f"the feature stream ended before frame {last}")
-            self.frames = chunk if self.frames is None else torch.cat([self.frames, chunk], -1)
-        self.frames = self.frames[:, first - self.offset :]
+            self.frames = chunk if self.frames is None else Frames.cat([self.frames, chunk])
+        self.frames = self.frames[first - self.offset :]
         self.offset = first
-        return self.frames[:, : last - first]
+        return self.frames[: last - first]
 
 
 SYNTH_MARGIN = 2  # frames a streaming window is synthesised beyond its own, either side
 
 
 class WindowSynthesiser:
-    """Features in as they are decoded; the waveform out, window by window (the streaming form
+    """Frames in as they are decoded; the waveform out, window by window (the streaming form
     of :func:`synthesise_chunked`).
 
     Window ``k`` owns frames ``[k W - M, (k + 1) W - M)`` (``W = window_frames``, ``M`` =
@@ -120,16 +121,16 @@ class WindowSynthesiser:
             raise ValueError(f"need window_frames >= {2 * SYNTH_MARGIN}, got {window_frames}")
         self.synthesiser, self.window = synthesiser, window_frames
         self.hop = synthesiser.hop_length
-        self.frames: Tensor | None = None  # features from frame self.offset on
+        self.frames: Frames | None = None  # from frame self.offset on
         self.offset, self.n_windows, self.start = 0, 0, 0
         self.tail = np.zeros(0, dtype=np.float32)
 
-    def push(self, features: Tensor, hold: bool = False) -> np.ndarray:
-        """Append frames ``(F, N)``; return the samples of the windows now complete
-        (``hold``: keep the frames for :meth:`finish`)."""
-        self.frames = features if self.frames is None else torch.cat([self.frames, features], -1)
+    def push(self, frames: Frames, hold: bool = False) -> np.ndarray:
+        """Append unbatched frames (features ``(F, N)``); return the samples of the windows now
+        complete (``hold``: keep the frames for :meth:`finish`)."""
+        self.frames = frames if self.frames is None else Frames.cat([self.frames, frames])
         blocks = []
-        available = self.offset + self.frames.shape[-1]
+        available = self.offset + self.frames.n_frames
         while not hold and self._bound(self.n_windows) + SYNTH_MARGIN <= available:
             blocks.append(self._window(None, None))
         return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
@@ -152,9 +153,9 @@ class WindowSynthesiser:
         if n_frames is not None:
             last = min(last, n_frames)
         reach = length if last == n_frames else (last - 1) * hop + 1
-        frames = self.frames[:, first - self.offset : last - self.offset]
+        frames = self.frames[first - self.offset : last - self.offset]
         with torch.inference_mode():
-            wave = self.synthesiser(frames[None], reach - first * hop, first)[0].numpy()
+            wave = frames.synthesise(self.synthesiser, reach - first * hop, first).numpy()
         boundary = self._bound(k) * hop
         if length is not None:
             boundary = min(boundary, length)
@@ -167,5 +168,5 @@ class WindowSynthesiser:
         self.tail = wave[end - first * hop : tail_end - first * hop]
         self.start, self.n_windows = end, k + 1
         keep = max(0, self._bound(k) - margin)
-        self.frames, self.offset = self.frames[:, keep - self.offset :], keep
+        self.frames, self.offset = self.frames[keep - self.offset :], keep
         return block

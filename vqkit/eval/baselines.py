@@ -181,7 +181,8 @@ class Oracle:
                 envelope, f0, voiced = self.codec.frontend.analyse(x)
                 middle = time.perf_counter()
                 synthesiser = make_synthesiser(config.codec, self.codec.frontend)
-                y = synthesiser.synthesise(envelope, fill_unvoiced(f0, voiced), voiced, x.shape[1])
+                f0 = fill_unvoiced(f0, voiced)
+                y = synthesiser(envelope, x.shape[1], f0=f0, voiced=voiced)
             end = time.perf_counter()
             return Output(y[0].numpy(), rate, None, None, middle - start, end - middle)
         with torch.no_grad():

@@ -3,8 +3,9 @@
 Keeps the best checkpoint's weights, config and normaliser, drops the optimizer state, and keeps the
 run's training curves (the `recon` and `sd_db` columns of metrics.jsonl) in the checkpoint's meta so
 `vqkit bench` can plot them without the run folder. `--set codec.KEY=VALUE` changes decoding
-settings (post-filter, Griffin-Lim iterations), which leave the weights alone.
-Usage: python scripts/ship_model.py RUN OUT.safetensors [--set codec.postfilter=1.15 ...]
+settings (post-filter, Griffin-Lim iterations), which leave the weights alone. `--compact` writes an
+inference-only file: no codebook training state, the decoder in float16 (the codes unchanged).
+Usage: python scripts/ship_model.py RUN OUT.safetensors [--compact] [--set codec.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from vqkit.train.log import read_metrics
 CURVE_KEYS = ("step", "split", "recon", "loss", "sd_db")
 
 
-def ship(run: Path, out: Path, overrides: list[str]) -> str:
+def ship(run: Path, out: Path, overrides: list[str], compact: bool = False) -> str:
     checkpoint = load_checkpoint(resolve_model(run))
     if any(not o.startswith("codec.") for o in overrides):
         raise VqkitError("only codec.* settings can change after training")
@@ -30,7 +31,9 @@ def ship(run: Path, out: Path, overrides: list[str]) -> str:
         {k: row[k] for k in CURVE_KEYS if k in row} for row in read_metrics(run / "metrics.jsonl")
     ]
     meta = {**checkpoint.meta, "curves": curves, "run": run.name}
-    save_checkpoint(out, checkpoint.model, config, tensors=checkpoint.tensors, meta=meta)
+    save_checkpoint(
+        out, checkpoint.model, config, tensors=checkpoint.tensors, meta=meta, compact=compact
+    )
     return load_checkpoint(out).model_id
 
 
@@ -39,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--compact", action="store_true", help="inference only, decoder float16")
     args = parser.parse_args(argv)
-    model_id = ship(args.run, args.out, args.overrides)
+    model_id = ship(args.run, args.out, args.overrides, args.compact)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, model id {model_id})")
     return 0
 

@@ -67,6 +67,25 @@ def test_round_trip_is_exact(tmp_path: Path, bottleneck: str) -> None:
     assert load_checkpoint(path).model_id == loaded.model_id
 
 
+def test_a_compact_checkpoint_codes_alike_in_less_space(tmp_path: Path) -> None:
+    config = tiny_config("bottleneck.kind='rvq'", "bottleneck.n_codebooks=3")
+    model, _ = trained_model(config)
+    full, compact = tmp_path / "full.safetensors", tmp_path / "compact.safetensors"
+    save_checkpoint(full, model, config, meta={"in_shape": [12]})
+    save_checkpoint(compact, model, config, meta={"in_shape": [12]}, compact=True)
+    stored = load_file(compact)
+    assert not any(k.endswith(("cluster_size", "embed_sum", "usage")) for k in stored)
+    assert {v.dtype for k, v in stored.items() if k.startswith("model.decoder.")} == {torch.float16}
+    assert {v.dtype for k, v in stored.items() if k.startswith("model.encoder.")} == {torch.float32}
+    assert compact.stat().st_size < 0.8 * full.stat().st_size
+    x = torch.randn(2, *IN_SHAPE, 20)
+    with torch.no_grad():
+        a, b = load_checkpoint(full).model(x), load_checkpoint(compact).model(x)
+    assert torch.equal(a.bottleneck.codes, b.bottleneck.codes)
+    torch.testing.assert_close(a.x_hat, b.x_hat, atol=1e-2, rtol=1e-2)
+    assert load_checkpoint(compact).model_id != load_checkpoint(full).model_id
+
+
 def test_model_id_tracks_weights_and_config(tmp_path: Path) -> None:
     config = tiny_config()
     model, _ = trained_model(config)

@@ -7,6 +7,10 @@ A checkpoint file holds
             named tensors, "optimizer.<param>.<key>" (optimizer state). Checkpoints written before
             the normaliser joined the model keep its statistics as "norm.mean" and "norm.std";
             they are read into ``model.normaliser`` (:data:`LEGACY_NORMALISER`).
+A compact checkpoint (``save_checkpoint(..., compact=True)``, for shipping) leaves out the
+codebooks' training state (:data:`TRAINING_STATE`) and stores the decoder in float16
+(:data:`HALF_PRECISION`): the encoder and codebooks keep float32, so the codes do not change.
+It loads for inference like any other; training cannot resume from it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ MODEL_PREFIX = "model."
 OPTIMIZER_PREFIX = "optimizer."
 NORMALISER_PREFIX = "normaliser."  # model weights that the model id leaves out (see model_id)
 LEGACY_NORMALISER = {"norm.mean": "normaliser.meanstd.mean", "norm.std": "normaliser.meanstd.std"}
+# Codebook buffers only training reads (EMA sums, usage for re-seeding dead codes)
+TRAINING_STATE = (".codebook.cluster_size", ".codebook.embed_sum", ".codebook.usage")
+HALF_PRECISION = ("decoder.",)  # weights after the codes: float16 there changes no code
 
 
 @dataclass
@@ -59,9 +66,14 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    compact: bool = False,
 ) -> None:
-    """Write ``model`` (and optionally the optimizer and scheduler) to ``path`` atomically."""
-    flat = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
+    """Write ``model`` (and optionally the optimizer and scheduler) to ``path`` atomically;
+    ``compact`` for inference only (see the module docstring)."""
+    state = model.state_dict()
+    if compact:
+        state = {k: _compact(k, v) for k, v in state.items() if not k.endswith(TRAINING_STATE)}
+    flat = {MODEL_PREFIX + k: v for k, v in state.items()}
     for name, value in (tensors or {}).items():
         if name.startswith((MODEL_PREFIX, OPTIMIZER_PREFIX)):
             raise ValueError(f"tensor name {name!r} uses a reserved prefix")
@@ -177,6 +189,11 @@ def _read_safetensors(path: Path, map_location: str) -> tuple[dict[str, str], di
     return metadata, flat
 
 
+def _compact(name: str, tensor: Tensor) -> Tensor:
+    half = name.startswith(HALF_PRECISION) and tensor.dtype == torch.float32
+    return tensor.half() if half else tensor
+
+
 def _build_and_fill(
     path: Path, config: Config, meta: dict[str, Any], weights: dict[str, Tensor]
 ) -> Autoencoder:
@@ -186,7 +203,7 @@ def _build_and_fill(
     # Check the shapes on the meta device first (no memory), so that a config claiming a huge
     # model fails here instead of allocating it; then build the real model.
     expected = _build(path, config, tuple(in_shape), "meta").state_dict()
-    missing = sorted(expected.keys() - weights.keys())
+    missing = sorted(k for k in expected.keys() - weights.keys() if not k.endswith(TRAINING_STATE))
     unexpected = sorted(weights.keys() - expected.keys())
     reshaped = sorted(
         k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape
@@ -206,7 +223,7 @@ def _build_and_fill(
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise VqkitError(f"{path}: weight '{name}' holds NaN or Inf (training diverged?)")
     model = _build(path, config, tuple(in_shape), None)
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(weights, strict=False)  # all but the training state, checked above
     try:
         model.normaliser.check()
     except ValueError as e:

@@ -224,7 +224,7 @@ def test_first_signal_requests_a_stop_and_a_second_aborts() -> None:
     for signum in StopOnInterrupt.SIGNALS:
         with StopOnInterrupt() as stop:
             signal.raise_signal(signum)
-            assert stop.requested
+            assert stop.requested and stop.interrupted().signum == signum
             with pytest.raises(KeyboardInterrupt):
                 signal.raise_signal(signum)
     assert {s: signal.getsignal(s) for s in StopOnInterrupt.SIGNALS} == before

@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vqkit.errors import VqkitError
+from vqkit.errors import Interrupted, VqkitError
 from vqkit.files import atomic_write_bytes, new_figure, save_figure
 
 
@@ -106,13 +106,22 @@ class StopOnInterrupt:
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum: int | None = None  # the first signal's, once one came
         self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def interrupted(self) -> KeyboardInterrupt:
+        """What to raise once stopped: the first signal's :class:`Interrupted`, so the command
+        exits with 128 + its number (SIGINT when another rank's signal stopped this one)."""
+        return Interrupted(self.signum or signal.SIGINT)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Interrupted(signum)
+        self.signum = signum
 
     def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():

@@ -83,7 +83,8 @@ def train(
     """Train ``config``'s model on the feature cache ``data``, writing into the folder ``run``.
 
     Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK set) this joins the process group first.
-    Ctrl-C (or SIGTERM) saves ``last`` after the current step, then raises KeyboardInterrupt.
+    Ctrl-C (or SIGTERM) saves ``last`` after the current step, then raises KeyboardInterrupt
+    (:class:`vqkit.errors.Interrupted` naming the signal).
     Torch runs on the caller's threads (``vqkit train`` applies ``train.threads``).
     """
     check_output(run, data)
@@ -160,7 +161,7 @@ def loop(s: Session) -> dict[str, Any]:
                 save(s, "last")
             if s.dist.any(stop.requested):
                 save(s, "last")
-                raise KeyboardInterrupt
+                raise stop.interrupted()
     return val_row
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vqkit.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from vqkit.checkpoint import FORMAT_VERSION, LATER_KEYS, load_checkpoint, save_checkpoint
 from vqkit.config import Config, load_config
 from vqkit.errors import VqkitError
 from vqkit.nn.model import build_model
@@ -84,6 +85,28 @@ def test_a_compact_checkpoint_codes_alike_in_less_space(tmp_path: Path) -> None:
     assert torch.equal(a.bottleneck.codes, b.bottleneck.codes)
     torch.testing.assert_close(a.x_hat, b.x_hat, atol=1e-2, rtol=1e-2)
     assert load_checkpoint(compact).model_id != load_checkpoint(full).model_id
+
+
+def test_keys_added_later_keep_the_ids_of_models_saved_before_them(tmp_path: Path) -> None:
+    """A checkpoint whose config predates a key (its JSON lacks it) keeps its model id: keys of
+    LATER_KEYS at their defaults are left out of the id; away from them they count."""
+    config = tiny_config()
+    model, _ = trained_model(config)
+    new = tmp_path / "new.safetensors"
+    save_checkpoint(new, model, config, meta={"in_shape": [12]})
+    with safe_open(str(new), "pt") as f:
+        metadata = f.metadata()
+    values = json.loads(metadata["config"])
+    for section, key in LATER_KEYS:
+        del values[section][key]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(new), str(old), metadata={**metadata, "config": json.dumps(values)})
+    assert load_checkpoint(old).model_id == load_checkpoint(new).model_id
+    causal = tmp_path / "causal.safetensors"
+    save_checkpoint(
+        causal, model, tiny_config("model.encoder_lookahead=0"), meta={"in_shape": [12]}
+    )
+    assert load_checkpoint(causal).model_id != load_checkpoint(new).model_id
 
 
 def test_model_id_tracks_weights_and_config(tmp_path: Path) -> None:

@@ -154,10 +154,6 @@ def test_limited_lookahead_model_is_causal_and_faster(tmp_path: Path, speech) ->
     assert np.isfinite(out).all()
 
 
-def test_lookahead_keys_keep_existing_model_ids(default) -> None:
-    assert default.model_id == "a0b0cf0ffe9301e2"
-
-
 def test_concealment_fades_without_clicks_and_recovers(default) -> None:
     wave = read_audio(SAMPLE[2], default.sample_rate)[0][: 24 * default.sample_rate // 10]
     gain = default._gain([wave])

@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
-# The recipe of the shipped `default` codec, end to end. Rerun it on any Debian machine:
+# The recipe of the two shipped codecs, `default` (16 kHz) and `narrowband` (8 kHz), end to end.
+# Rerun it on any Debian machine:
 #   bash scripts/train_default_codec.sh
-# 1. corpus from Debian packages (voices it_IT_m_Carlo and fr_CA_f_June held out: never trained on)
-# 2. feature cache of the training voices: pitch-adaptive spectral envelopes (configs/speech_parametric.toml)
+# 1. corpus from Debian packages (voices it_IT_m_Carlo and fr_CA_f_June held out: never trained on;
+#    every language of the unseen development bench left out of the KLettres/KTuberling voices)
+# 2. feature caches of the training voices: pitch-adaptive spectral envelopes at 16 and 8 kHz
+#    (configs/speech_parametric.toml, configs/speech_parametric_nb.toml)
 # 3. training (single-threaded: on 2 shared cores one torch thread was several times faster)
-# 4. the best checkpoint, without optimizer state, becomes vqkit/assets/default.safetensors, with the
-#    decoder post-filter and input level chosen on validation clips of the training voices
-#    (benchmarks/RESULTS.md)
-# 5. the bench on the held-out selection, next to Codec 2 and Opus
+# 4. each best checkpoint becomes a compact model in vqkit/assets (no codebook training state, the
+#    decoder in float16: the codes unchanged), with the decoder post-filter and input level chosen
+#    on validation clips of the training voices, and pitch and voicing coded jointly (275 bit/s)
+# 5. the benches: held-out voices, unseen corpora (scripts/build_unseen_bench.py) and 8 kHz input,
+#    next to Codec 2 and Opus
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 STEPS=${STEPS:-12000}
+SHIP=(--compact --set codec.postfilter=1.15 --set codec.level_db=-18 --set codec.side_coding=joint)
 
 $BIN/python scripts/build_speech_corpus.py corpora/speech16k --debs corpora/debs
-$BIN/vqkit prepare corpora/speech16k/train cache/envelope16k --config configs/speech_parametric.toml --workers 2
-OMP_NUM_THREADS=1 $BIN/vqkit train configs/speech_parametric.toml --data cache/envelope16k \
-    --run runs/parametric --set train.steps="$STEPS"
-$BIN/python scripts/ship_model.py runs/parametric vqkit/assets/default.safetensors \
-    --set codec.postfilter=1.15 --set codec.level_db=-18
-$BIN/vqkit bench corpora/speech16k/bench --out bench-out/default --bitrates 0.7,1.3,2.2,3.2,3.5
+$BIN/python scripts/build_unseen_bench.py corpora/unseen --debs corpora/debs --fsdd ../shared/data/fsdd
+for model in default narrowband; do
+    config=configs/speech_parametric.toml
+    [ "$model" = narrowband ] && config=configs/speech_parametric_nb.toml
+    $BIN/vqkit prepare corpora/speech16k/train "cache/$model" --config "$config" --workers 2
+    OMP_NUM_THREADS=1 $BIN/vqkit train "$config" --data "cache/$model" --run "runs/$model" \
+        --set train.steps="$STEPS"
+    $BIN/python scripts/ship_model.py "runs/$model" "vqkit/assets/$model.safetensors" "${SHIP[@]}"
+done
+$BIN/vqkit bench corpora/speech16k/bench --out bench-out/held-out --bitrates 0.8,1.3,2.2,3.2
+$BIN/vqkit bench corpora/unseen/wideband --out bench-out/unseen --bitrates 0.8,1.3,2.2,3.2
+$BIN/vqkit bench corpora/unseen/narrowband --out bench-out/narrowband --bitrates 0.8,1.3,2.2,3.2

@@ -13,6 +13,7 @@ from vqkit.config import Layout, choices
 from vqkit.errors import VqkitError
 
 Verb = Callable[..., argparse.ArgumentParser]  # verb(name, help) -> the verb's parser
+MODEL_HELP = "default (narrowband for input at 8 kHz or below), narrowband, a run or a checkpoint"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,7 +89,7 @@ def _add_eval_verbs(verb: Verb) -> None:
     p = verb("bench", "compare the codec with Codec 2 and Opus on held-out speech")
     p.add_argument("audio_dir", type=Path, help="folder of held-out speech clips")
     p.add_argument("--out", type=Path, required=True, help="output folder for results and report")
-    p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--bitrates", help="comma-separated kbit/s for the model (default: all)")
     p.add_argument(
         "--baselines", default="codec2,opus,oracle", help="comma-separated: codec2,opus,oracle"
@@ -115,7 +116,7 @@ def _add_codec_verbs(verb: Verb) -> None:
     p = verb("encode", "encode audio to a .vqc code file or a packet stream")
     p.add_argument("input", type=Path, help="audio file, or - for raw PCM on standard input")
     p.add_argument("output", type=Path, help="code file (.vqc), or - for a packet stream")
-    p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--bitrate", type=float, help="target kbit/s (default: the model's highest)")
     p.add_argument("--rate", type=int, help="raw PCM input's sample rate (the model's)")
     p.add_argument("--format", default="s16le", help="raw PCM: s16le (default), s32le, f32le")
@@ -129,7 +130,11 @@ def _add_codec_verbs(verb: Verb) -> None:
     p = verb("decode", "decode a .vqc code file or a packet stream to audio")
     p.add_argument("input", type=Path, help="code file or packet stream, or - (standard input)")
     p.add_argument("output", type=Path, help="audio file (.wav or .flac), or - for raw PCM")
-    p.add_argument("--model", default="default", help="default, a run folder or a checkpoint")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="default (the shipped model that made it), narrowband, a run folder or a checkpoint",
+    )
     p.add_argument("--iters", type=int, help="Griffin-Lim iterations (default: the model's)")
     p.add_argument("--format", default="s16le", help="raw PCM output: s16le, s32le, f32le")
     p.add_argument(

@@ -57,3 +57,26 @@ def test_joint_codes_pick_the_nearest_voicing_pattern() -> None:
     voiced = torch.tensor([[0.0, 1, 0, 0, 1, 0, 1, 1]])  # one voiced frame; a gap
     codes = side_codes(torch.full((1, 8), 150.0), voiced, 4, "joint")
     assert side_from_codes(codes, 4, 8, "joint")[1].tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("coding", ["separate", "joint"])
+def test_causal_side_decoding_waits_for_no_later_code_frame(coding: str) -> None:
+    """A causal model's stream decodes each packet at once, so its F0 may not look at the next
+    code frame; decoded from a prefix of the codes, the frames are those of the whole."""
+    torch.manual_seed(0)
+    n = 48
+    f0 = torch.exp(torch.linspace(math.log(110), math.log(220), n) + 0.1 * torch.randn(n))[None]
+    voiced = (torch.rand(1, n) > 0.3).float()
+    codes = side_codes(f0, voiced, 4, coding)
+    whole = side_from_codes(codes, 4, n, coding, causal=True)
+    centred = side_from_codes(codes, 4, n, coding)
+    differs = False
+    for j in range(1, n // 4):
+        part = side_from_codes(codes[..., :j], 4, 4 * j, coding, causal=True)
+        assert torch.equal(part[0], whole[0][:, : 4 * j]) and torch.equal(
+            part[1], whole[1][:, : 4 * j]
+        )
+        ahead = side_from_codes(codes[..., :j], 4, 4 * j, coding)
+        differs |= not torch.equal(ahead[0], centred[0][:, : 4 * j])
+    assert differs  # the centred decoding does look ahead
+    assert torch.equal(whole[1], centred[1])  # voicing is the same either way

@@ -157,17 +157,24 @@ def _interp_last(values: Tensor, index: Tensor) -> Tensor:
     return torch.lerp(values.gather(-1, lo), values.gather(-1, lo + 1), frac)
 
 
-def fill_unvoiced(f0: Tensor, voiced: Tensor) -> Tensor:
+def fill_unvoiced(f0: Tensor, voiced: Tensor, causal: bool = False) -> Tensor:
     """F0 ``(B, N)`` with unvoiced frames replaced by linear interpolation between the voiced
-    frames around them (held at the ends; :data:`UNVOICED_F0` where nothing is voiced)."""
+    frames around them (held at the ends; :data:`UNVOICED_F0` where nothing is voiced), or with
+    ``causal`` by the last voiced frame before them (:data:`UNVOICED_F0` before the first)."""
     out = torch.empty_like(f0)
     frames = np.arange(f0.shape[-1])
     for b in range(f0.shape[0]):
         mask = voiced[b].cpu().numpy() > 0
+        values = f0[b].detach().cpu().numpy()
+        if causal:
+            last = np.maximum.accumulate(np.where(mask, frames, -1))
+            held = np.where(last >= 0, values[np.maximum(last, 0)], UNVOICED_F0)
+            out[b] = torch.from_numpy(held.astype(values.dtype))
+            continue
         if not mask.any():
             out[b] = UNVOICED_F0
             continue
-        log_f0 = np.interp(frames, frames[mask], np.log(f0[b].detach().cpu().numpy()[mask]))
+        log_f0 = np.interp(frames, frames[mask], np.log(values[mask]))
         out[b] = torch.from_numpy(np.exp(log_f0))
     return torch.where(voiced > 0, f0, out)
 

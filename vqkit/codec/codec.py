@@ -318,7 +318,8 @@ class Codec:
         if not self.parametric:
             return Frames(x_hat)
         coding = self.side_coding if coding is None else coding
-        f0, voiced = side_from_codes(side[None], self.downsample, x_hat.shape[-1], coding)
+        causal = self.lookahead.decoder_ahead == 0  # its stream waits for no later packet
+        f0, voiced = side_from_codes(side[None], self.downsample, x_hat.shape[-1], coding, causal)
         return Frames(x_hat, f0[0], voiced[0])
 
     @functools.cached_property

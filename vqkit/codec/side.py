@@ -62,12 +62,14 @@ def side_codes(f0: Tensor, voiced: Tensor, factor: int, coding: str) -> Tensor:
 
 
 def side_from_codes(
-    codes: Tensor, factor: int, n_frames: int, coding: str
+    codes: Tensor, factor: int, n_frames: int, coding: str, causal: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """F0 (Hz) and voicing ``(B, n_frames)`` from side codes ``(B, C, N')`` in ``coding``."""
+    """F0 (Hz) and voicing ``(B, n_frames)`` from side codes ``(B, C, N')`` in ``coding``.
+    ``causal``: a code frame's F0 depends on no later code frame, so that a decoder that waits
+    for no packet (a causal model's stream) decodes exactly what a file decodes."""
     if coding == "joint":
-        return joint.decode(codes, factor, n_frames)
-    return pitch_from_codes(codes, factor, n_frames)
+        return joint.decode(codes, factor, n_frames, causal)
+    return pitch_from_codes(codes, factor, n_frames, causal)
 
 
 def pitch_codes(f0: Tensor, voiced: Tensor, factor: int) -> Tensor:
@@ -91,10 +93,13 @@ def pitch_codes(f0: Tensor, voiced: Tensor, factor: int) -> Tensor:
     return torch.cat([pitch, bits], -1).transpose(1, 2)
 
 
-def pitch_from_codes(codes: Tensor, factor: int, n_frames: int) -> tuple[Tensor, Tensor]:
+def pitch_from_codes(
+    codes: Tensor, factor: int, n_frames: int, causal: bool = False
+) -> tuple[Tensor, Tensor]:
     """F0 (Hz) and voicing ``(B, n_frames)`` from :func:`pitch_codes`: each log-F0 code sits at
     the centre of its share of frames and F0 is interpolated linearly in log between them; shares
-    with no voiced frame take it from their voiced neighbours (:func:`fill_unvoiced`)."""
+    with no voiced frame take it from their voiced neighbours (:func:`fill_unvoiced`). ``causal``
+    holds the frames after a code frame's last centre there, and fills from the past only."""
     share = PITCH_SHARE
     shifts = torch.arange(factor - 1, -1, -1)
     voiced = ((codes[:, -1, :, None] >> shifts) & 1).flatten(1).float()  # (B, N' * factor)
@@ -104,8 +109,11 @@ def pitch_from_codes(codes: Tensor, factor: int, n_frames: int) -> tuple[Tensor,
         + codes[:, :-1].transpose(1, 2).flatten(1).float() / (2**PITCH_BITS - 1) * span
     )  # (B, M) with M = N' * factor // share
     has_voice = voiced.unflatten(-1, (-1, share)).amax(-1)
-    f0 = fill_unvoiced(torch.exp(log_f0), has_voice)
+    f0 = fill_unvoiced(torch.exp(log_f0), has_voice, causal)
     centres = torch.arange(f0.shape[-1]) * share + (share - 1) / 2
-    frames = torch.arange(n_frames, dtype=centres.dtype).expand(f0.shape[0], -1)
-    f0 = torch.exp(interp(centres, torch.log(f0), frames))
+    frames = torch.arange(n_frames, dtype=centres.dtype)
+    if causal:  # past the last centre of its code frame: that centre's value, not the next's
+        last = (torch.arange(n_frames) // factor + 1) * (factor // share) - 1  # its index
+        frames = torch.minimum(frames, centres[last.clamp(max=len(centres) - 1)])
+    f0 = torch.exp(interp(centres, torch.log(f0), frames.expand(f0.shape[0], -1)))
     return f0, voiced[:, :n_frames]

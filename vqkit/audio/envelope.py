@@ -157,18 +157,23 @@ def _interp_last(values: Tensor, index: Tensor) -> Tensor:
     return torch.lerp(values.gather(-1, lo), values.gather(-1, lo + 1), frac)
 
 
-def fill_unvoiced(f0: Tensor, voiced: Tensor, causal: bool = False) -> Tensor:
+def fill_unvoiced(f0: Tensor, voiced: Tensor, block: int = 0) -> Tensor:
     """F0 ``(B, N)`` with unvoiced frames replaced by linear interpolation between the voiced
-    frames around them (held at the ends; :data:`UNVOICED_F0` where nothing is voiced), or with
-    ``causal`` by the last voiced frame before them (:data:`UNVOICED_F0` before the first)."""
+    frames around them (held at the ends; :data:`UNVOICED_F0` where nothing is voiced). With
+    ``block`` > 0 a frame looks ahead only inside its block of ``block`` frames (a code frame, for
+    a decoder that waits for no later one): it takes the next voiced frame there, else the last
+    voiced frame before it (:data:`UNVOICED_F0` before the first)."""
     out = torch.empty_like(f0)
     frames = np.arange(f0.shape[-1])
     for b in range(f0.shape[0]):
         mask = voiced[b].cpu().numpy() > 0
         values = f0[b].detach().cpu().numpy()
-        if causal:
-            last = np.maximum.accumulate(np.where(mask, frames, -1))
-            held = np.where(last >= 0, values[np.maximum(last, 0)], UNVOICED_F0)
+        if block:
+            after = np.minimum.accumulate(np.where(mask, frames, len(frames))[::-1])[::-1]
+            before = np.maximum.accumulate(np.where(mask, frames, -1))
+            inside = (after < len(frames)) & (after // block == frames // block)
+            source = np.where(inside, after, before)
+            held = np.where(source >= 0, values[np.clip(source, 0, None)], UNVOICED_F0)
             out[b] = torch.from_numpy(held.astype(values.dtype))
             continue
         if not mask.any():

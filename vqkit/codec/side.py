@@ -99,7 +99,8 @@ def pitch_from_codes(
     """F0 (Hz) and voicing ``(B, n_frames)`` from :func:`pitch_codes`: each log-F0 code sits at
     the centre of its share of frames and F0 is interpolated linearly in log between them; shares
     with no voiced frame take it from their voiced neighbours (:func:`fill_unvoiced`). ``causal``
-    holds the frames after a code frame's last centre there, and fills from the past only."""
+    holds the frames after a code frame's last centre there, and fills from its own code frame
+    and the past only."""
     share = PITCH_SHARE
     shifts = torch.arange(factor - 1, -1, -1)
     voiced = ((codes[:, -1, :, None] >> shifts) & 1).flatten(1).float()  # (B, N' * factor)
@@ -109,7 +110,7 @@ def pitch_from_codes(
         + codes[:, :-1].transpose(1, 2).flatten(1).float() / (2**PITCH_BITS - 1) * span
     )  # (B, M) with M = N' * factor // share
     has_voice = voiced.unflatten(-1, (-1, share)).amax(-1)
-    f0 = fill_unvoiced(torch.exp(log_f0), has_voice, causal)
+    f0 = fill_unvoiced(torch.exp(log_f0), has_voice, factor // share if causal else 0)
     centres = torch.arange(f0.shape[-1]) * share + (share - 1) / 2
     frames = torch.arange(n_frames, dtype=centres.dtype)
     if causal:  # past the last centre of its code frame: that centre's value, not the next's

@@ -7,6 +7,7 @@ Waveforms are float32 numpy arrays of shape ``(T,)`` in [-1, 1] unless stated ot
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import struct
@@ -240,6 +241,15 @@ def open_audio_blocks(path: str | os.PathLike) -> tuple[int, Iterator[np.ndarray
         )
     check_complete(path)  # a cut-short WAV would otherwise encode without its end
     return info.samplerate, _blocks(path, info.channels)
+
+
+def native_rates(paths: Iterable[str | os.PathLike]) -> list[int]:
+    """The sample rates of the files among ``paths`` that :func:`open_audio_blocks` accepts."""
+    rates = []
+    for path in paths:
+        with contextlib.suppress(VqkitError):
+            rates.append(open_audio_blocks(path)[0])
+    return rates
 
 
 def _blocks(path: Path, channels: int) -> Iterator[np.ndarray]:

@@ -10,7 +10,6 @@ bytes each system wrote: ``kbps`` from the codec payload (container and file hea
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import fnmatch
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vqkit.audio.io import fix_length, open_audio_blocks, read_audio, resample, write_audio
+from vqkit.audio.io import fix_length, native_rates, read_audio, resample, write_audio
 from vqkit.errors import VqkitError
 from vqkit.eval import metrics, perceptual
 from vqkit.eval.baselines import (
@@ -54,7 +53,8 @@ TABLE_KEYS += ("rtf_encode", "rtf_decode")
 ORIGINAL = "original"  # the row of the references themselves: each metric's ceiling
 # DNSMOS costs about 1.2 s of CPU a clip (ViSQOL 0.12 s): the demo, which should take about a
 # minute, runs it on the references and the systems its README table compares only.
-DEMO_DNSMOS = ("original", "vqkit-1.20k", "vqkit-3.20k", "codec2-1200", "codec2-3200", "opus-8k")
+DEMO_DNSMOS = ("original", "codec2-1200", "codec2-3200", "opus-8k")  # and the shipped model at:
+DEMO_DNSMOS_KBPS = (1.3, 3.2)  # the most stages within each
 SCORING = (
     "Reference: each clip at {rate} Hz. Narrow-band systems ({nb}) are scored with PESQ-NB and "
     "STOI at 8 kHz, and with PESQ-WB and the spectral distances on their output upsampled to "
@@ -225,15 +225,6 @@ def clip_names(paths: Sequence[Path]) -> list[str]:
         taken.add(name.lower())
         names.append(name)
     return names
-
-
-def native_rates(paths: Sequence[Path]) -> list[int]:
-    """The sample rates of the clips that have one (unreadable ones are reported later)."""
-    rates = []
-    for path in paths:
-        with contextlib.suppress(VqkitError):
-            rates.append(open_audio_blocks(path)[0])
-    return rates
 
 
 def read_clips(
@@ -446,4 +437,9 @@ def demo(out: str | os.PathLike = "demo-out", *, progress: bool = True) -> dict[
     sample = Path(str(importlib.resources.files("vqkit") / "assets" / "sample"))
     if not sample.is_dir():
         raise VqkitError(f"the bundled speech sample is missing ({sample}); reinstall vqkit")
-    return run_bench(sample, out, model="default", progress=progress, dnsmos=DEMO_DNSMOS)
+    from vqkit.codec.codec import load_codec
+
+    codec = load_codec("default")
+    offered = [codec.bitrates[codec.n_stages(kbps) - 1] for kbps in DEMO_DNSMOS_KBPS]
+    dnsmos = (*DEMO_DNSMOS, *(Model(codec, float(kbps)).name for kbps in offered))
+    return run_bench(sample, out, model="default", progress=progress, dnsmos=dnsmos)

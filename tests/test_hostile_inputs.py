@@ -17,29 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from test_guarantees import RATE, assert_fails, crafted, save_tiny, tone, vqkit_cli
+import test_guarantees
+from test_guarantees import RATE, assert_fails, crafted, tone, vqkit_cli
 
 from vqkit.audio.io import pcm_range, write_audio_blocks
 from vqkit.cli import main
 from vqkit.codec.codec import load_codec
 from vqkit.errors import VqkitError, shown
 
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("model") / "tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
-def code_file(model: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """A short valid code file of ``model``."""
-    folder = tmp_path_factory.mktemp("code")
-    sf.write(folder / "in.wav", tone(400), RATE, subtype="PCM_16")
-    assert (
-        main([str(a) for a in ("encode", folder / "in.wav", folder / "x.vqc", "--model", model)])
-        == 0
-    )
-    return (folder / "x.vqc").read_bytes()
+# test_guarantees' fixtures, made anew for this module: the tiny model and a short code file of it
+model = test_guarantees.model
+code_file = test_guarantees.code_file
 
 
 def test_untrusted_text_is_shown_escaped_and_short() -> None:

@@ -121,6 +121,18 @@ def test_ratek_frequencies_are_codec2s() -> None:
     np.testing.assert_allclose(mels, np.linspace(283.0, 2072.0, 20), atol=1e-3)
 
 
+def test_each_feature_row_knows_its_frequency() -> None:
+    stft = frontend(kind="stft", n_fft=256).frequencies()
+    np.testing.assert_allclose(stft, librosa.fft_frequencies(sr=16000, n_fft=256))
+    mel = frontend(kind="mel", n_fft=512, n_mels=40, fmin=50.0, fmax=7000.0).frequencies()
+    np.testing.assert_allclose(mel, librosa.mel_frequencies(42, fmin=50.0, fmax=7000.0)[1:-1])
+    ratek = frontend(8000, kind="ratek", rate_k=20).frequencies()
+    np.testing.assert_allclose(ratek, ratek_frequencies(20))
+    envelope = frontend(kind="envelope", n_fft=512, win_length=320, rate_k=40).frequencies()
+    assert envelope.shape == (40,) and np.all(np.diff(envelope) > 0)
+    assert envelope[0] == pytest.approx(60.0) and envelope[-1] == pytest.approx(0.49 * 16000)
+
+
 # --- shapes, inverses, errors ----------------------------------------------------------------
 
 

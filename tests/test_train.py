@@ -8,11 +8,13 @@ import signal
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from vqkit.audio.frontends import make_frontend
 from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
 from vqkit.config import Config, load_config
@@ -23,6 +25,7 @@ from vqkit.train import loop as train_module
 from vqkit.train.distributed import batch_indices
 from vqkit.train.log import StopOnInterrupt, read_metrics
 from vqkit.train.loop import make_scheduler, train
+from vqkit.train.losses import band_weights, reconstruction_loss
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs"
 TINY_MODEL = [
@@ -210,6 +213,36 @@ def test_schedule_warms_up_then_decays_to_zero() -> None:
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=True))
     assert all(a >= b for a, b in zip(lrs[9:-1], lrs[10:], strict=True))
     assert lrs[55] == pytest.approx(0.005) and lrs[-1] < 1e-4
+
+
+def test_high_band_weight_scales_the_loss_of_rows_above_the_split() -> None:
+    config = load_config(RECIPES / "speech_parametric.toml", ["train.high_band_weight=0.25"])
+    rows = band_weights(config)
+    freqs = make_frontend(config.features, config.audio.sample_rate).frequencies()
+    assert rows.shape == (config.features.rate_k,)
+    assert torch.equal(rows, torch.tensor(np.where(freqs > 4000.0, 0.25, 1.0)))
+    assert band_weights(load_config(RECIPES / "speech_parametric.toml")) is None
+
+    x = torch.zeros(2, len(rows), 5)
+    low, high = x.clone(), x.clone()
+    low[:, 0], high[:, -1] = 1.0, 1.0  # the same error, in the lowest row or the highest
+    plain = [reconstruction_loss(y, x, "l1+mse") for y in (low, high)]
+    weighted = [reconstruction_loss(y, x, "l1+mse", rows) for y in (low, high)]
+    assert plain[0] == plain[1]
+    assert weighted[0] / weighted[1] == pytest.approx(4.0)  # 1 against 0.25
+    assert reconstruction_loss(low, x, "mse", torch.ones(len(rows))) == plain[0] / 2
+    with pytest.raises(VqkitError, match="needs audio features"):
+        load_config(RECIPES / "image_vqvae.toml", ["train.high_band_weight=0.5"])
+
+
+def test_training_weights_the_loss_by_band(tiny_cache: Path, tmp_path: Path) -> None:
+    first = {}
+    for weight in (1.0, 0.2):
+        split = "train.band_split_hz=1000"  # the tiny cache is at 8 kHz
+        config = tiny_train_config("train.steps=1", f"train.high_band_weight={weight}", split)
+        train(config, data=tiny_cache, run=tmp_path / str(weight))
+        first[weight] = train_rows(tmp_path / str(weight))[1]["recon"]
+    assert math.isfinite(first[0.2]) and first[0.2] != first[1.0]  # the same batch, reweighted
 
 
 def test_code_stats() -> None:

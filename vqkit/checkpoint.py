@@ -144,6 +144,8 @@ LATER_KEYS = {
     ("model", "encoder_lookahead"): -1,
     ("model", "decoder_lookahead"): -1,
     ("train", "augment"): 0.0,
+    ("train", "high_band_weight"): 1.0,
+    ("train", "band_split_hz"): 4000.0,
 }
 
 

@@ -137,6 +137,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     recon_loss: ReconLoss = "mse"
     augment: float = 0.0  # share of segments through a random channel (vqkit.data.augment)
+    high_band_weight: float = 1.0  # loss weight of feature rows above band_split_hz (audio)
+    band_split_hz: float = 4000.0
     log_every: int = 50
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -224,6 +226,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "train.lr": (1e-12, 10),
     "train.weight_decay": (0, INF),
     "train.augment": (0, 1),
+    "train.high_band_weight": (0, INF),
+    "train.band_split_hz": (0, INF),
     "train.warmup_steps": (0, INF),
     "train.grad_clip": (0, INF),
     "train.log_every": (1, INF),
@@ -265,7 +269,7 @@ def check_value(key: str, value: float, name: str | None = None) -> None:
 
 def _check_sums(config: Config) -> None:
     """Cross-key rules: the held-out fractions leave something to train on; channel augmentation
-    only on dB features whose normalisation has no per-item range."""
+    only on dB features whose normalisation has no per-item range; band weights only on audio."""
     data, features = config.data, config.features
     if data.val_fraction + data.test_fraction >= 1:
         raise VqkitError(
@@ -279,6 +283,8 @@ def _check_sums(config: Config) -> None:
             "train.augment needs spectral features normalised 'none' or 'meanstd', got "
             f"features.kind = '{features.kind}', features.normalise = '{features.normalise}'"
         )
+    if config.train.high_band_weight != 1 and features.kind == "image":
+        raise VqkitError("train.high_band_weight needs audio features; images have no frequencies")
 
 
 def _suggest(name: str, options: list[str]) -> str:

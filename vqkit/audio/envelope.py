@@ -76,6 +76,9 @@ class EnvelopeFrontend(Frontend):
     def forward(self, wave: Tensor) -> Tensor:
         return self.analyse(wave)[0]
 
+    def frequencies(self) -> np.ndarray:
+        return self.freqs.cpu().numpy().astype(np.float64)
+
     def analyse(self, wave: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Envelope dB ``(B, K, N)``, F0 in Hz ``(B, N)`` and voicing (0 or 1) ``(B, N)``."""
         if wave.dim() == 1:

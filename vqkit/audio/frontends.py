@@ -28,7 +28,15 @@ import torch
 from torch import Tensor
 
 from vqkit.audio.envelope import ENV_FLOOR_DB, EnvelopeFrontend
-from vqkit.audio.stft import DB_FLOOR, Frontend, hz_to_mel_htk, mel_filters, mel_to_hz_htk
+from vqkit.audio.stft import (
+    DB_FLOOR,
+    Frontend,
+    hz_to_mel_htk,
+    hz_to_mel_slaney,
+    mel_filters,
+    mel_to_hz_htk,
+    mel_to_hz_slaney,
+)
 from vqkit.config import FeatureConfig, FeatureKind, choices
 from vqkit.errors import VqkitError
 
@@ -49,6 +57,9 @@ class StftFrontend(Frontend):
     def to_magnitude(self, features: Tensor) -> Tensor:
         _check_bins(features, self.n_bins)
         return torch.pow(10.0, features / 20.0)
+
+    def frequencies(self) -> np.ndarray:
+        return np.linspace(0.0, self.sample_rate / 2, self.n_bins)
 
 
 class MelFrontend(Frontend):
@@ -94,6 +105,10 @@ class MelFrontend(Frontend):
             x, t = x_next, t_next
         return x.sqrt()
 
+    def frequencies(self) -> np.ndarray:
+        mel = np.linspace(hz_to_mel_slaney(self.fmin), hz_to_mel_slaney(self.fmax), self.n_bins + 2)
+        return mel_to_hz_slaney(mel[1:-1])  # the triangles' peaks
+
 
 class RateKFrontend(Frontend):
     """Codec 2 700C rate-K vectors: the cepstrally smoothed log spectrum (dB) at ``rate_k``
@@ -133,6 +148,9 @@ class RateKFrontend(Frontend):
 
     def to_magnitude(self, features: Tensor) -> Tensor:
         raise VqkitError("ratek features have no inverse to a magnitude spectrum")
+
+    def frequencies(self) -> np.ndarray:
+        return self.freqs
 
 
 def floor_db(kind: str) -> float:

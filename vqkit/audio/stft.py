@@ -226,6 +226,10 @@ class Frontend(torch.nn.Module):
         """Features ``(B, F, N)`` in dB -> linear STFT magnitude ``(B, n_fft // 2 + 1, N)``."""
         raise NotImplementedError
 
+    def frequencies(self) -> np.ndarray:
+        """The frequency (Hz) each feature row stands for ``(F,)``: a bin's or a filter's centre."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return (
             f"sample_rate={self.sample_rate}, n_fft={self.n_fft}, hop_length={self.hop_length}, "

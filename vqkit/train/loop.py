@@ -38,7 +38,7 @@ from vqkit.nn.model import Autoencoder, build_model
 from vqkit.run import RunFolder
 from vqkit.train.distributed import Distributed, batch_indices, init_distributed, step_seed
 from vqkit.train.log import MetricsLog, StopOnInterrupt, Throughput, plot_losses, progress
-from vqkit.train.losses import reconstruction_loss
+from vqkit.train.losses import band_weights, reconstruction_loss
 from vqkit.train.validate import eval_frames, evaluate
 
 # train keys a resumed run may change; everything else must match the run's saved config.
@@ -73,6 +73,7 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     in_shape: tuple[int, ...]
     log: MetricsLog | None  # rank 0 only
+    rows: Tensor | None  # the loss weight of each feature row (train.high_band_weight)
     step: int = 0
     best: float = math.inf
 
@@ -127,7 +128,10 @@ def start(config: Config, data: Path, run: Path, resume: bool, dist: Distributed
     scheduler = make_scheduler(optimizer, config)
     log = MetricsLog(RunFolder(run).metrics, keep_until=0) if dist.is_main else None
     net = wrap_model(model, config, dist)
-    session = Session(config, cache, run, dist, model, net, optimizer, scheduler, in_shape, log)
+    rows = band_weights(config)
+    session = Session(
+        config, cache, run, dist, model, net, optimizer, scheduler, in_shape, log, rows
+    )
     if checkpoint is not None:
         restore(session, checkpoint)
     if dist.is_main:
@@ -145,7 +149,7 @@ def loop(s: Session) -> dict[str, Any]:
         while s.step < tc.steps:
             with meter.measure() as frames:
                 x = training_batch(s.cache, s.step, s.config, s.dist)
-                row = train_step(s.net, x, s.optimizer, s.scheduler, s.config)
+                row = train_step(s.net, x, s.optimizer, s.scheduler, s.config, s.rows)
                 frames.append(x.shape[0] * x.shape[-1])
             s.step += 1
             row["frames_per_s"] = meter.rate()
@@ -288,11 +292,13 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     config: Config,
+    rows: Tensor | None = None,
 ) -> dict[str, float]:
-    """One optimisation step on the batch ``x``; returns the losses and bottleneck stats."""
+    """One optimisation step on the batch ``x``, the loss weighting feature rows by ``rows``
+    (:func:`vqkit.train.losses.band_weights`); returns the losses and bottleneck stats."""
     model.train()
     out = model(x)
-    recon = reconstruction_loss(out.x_hat, x, config.train.recon_loss)
+    recon = reconstruction_loss(out.x_hat, x, config.train.recon_loss, rows)
     loss = recon + out.bottleneck.loss
     if not torch.isfinite(loss):
         raise VqkitError(f"training diverged: loss is {loss.item()} (lower train.lr?)")

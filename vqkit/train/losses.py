@@ -3,11 +3,12 @@ distortion between dB spectra (also used by :mod:`vqkit.eval.metrics` on resynth
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from vqkit.config import ReconLoss, choices
+from vqkit.audio.frontends import make_frontend
+from vqkit.config import Config, ReconLoss, choices
 from vqkit.errors import VqkitError
 
 LSD_FLOOR_DB = 80.0  # spectral floor below the reference's loudest bin, so silence is finite
@@ -15,17 +16,31 @@ LSD_FLOOR_DB = 80.0  # spectral floor below the reference's loudest bin, so sile
 RECON_LOSSES = choices(ReconLoss)
 
 
-def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: str) -> Tensor:
-    """Mean squared and/or absolute error between ``x_hat`` and ``x`` of the same shape."""
+def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: str, rows: Tensor | None = None) -> Tensor:
+    """Mean squared and/or absolute error between ``x_hat`` and ``x`` of the same shape.
+
+    ``rows`` weights each feature row of ``(B, F, N)`` spectra ``(F,)``; it is scaled to mean 1, so
+    an equal weighting is the plain mean."""
     if x_hat.shape != x.shape:
         raise ValueError(f"model output shape {tuple(x_hat.shape)} != input {tuple(x.shape)}")
-    if kind == "mse":
-        return F.mse_loss(x_hat, x)
-    if kind == "l1":
-        return F.l1_loss(x_hat, x)
-    if kind == "l1+mse":
-        return F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
-    raise VqkitError(f"train.recon_loss must be one of {', '.join(RECON_LOSSES)}, got '{kind}'")
+    if kind not in RECON_LOSSES:
+        raise VqkitError(f"train.recon_loss must be one of {', '.join(RECON_LOSSES)}, got '{kind}'")
+    error = x_hat - x
+    weight = 1.0 if rows is None else (rows / rows.mean()).to(x).view(-1, 1)
+    terms = [(error.abs() * weight).mean()] if "l1" in kind else []
+    if "mse" in kind:
+        terms.append((error.square() * weight).mean())
+    return sum(terms)
+
+
+def band_weights(config: Config) -> Tensor | None:
+    """Training's loss weight of each feature row ``(F,)``: ``train.high_band_weight`` above
+    ``train.band_split_hz``, 1 below; None when they are all 1."""
+    tc = config.train
+    if tc.high_band_weight == 1:
+        return None
+    freqs = make_frontend(config.features, config.audio.sample_rate).frequencies()
+    return torch.tensor(np.where(freqs > tc.band_split_hz, tc.high_band_weight, 1.0))
 
 
 def spectral_distortion_db(x_db: Tensor, x_hat_db: Tensor) -> Tensor:

@@ -11,7 +11,9 @@
 #    decoder in float16: the codes unchanged), with the decoder post-filter and input level chosen
 #    on validation clips of the training voices, and pitch and voicing coded jointly (275 bit/s)
 # 5. the benches: held-out voices, unseen corpora (scripts/build_unseen_bench.py) and 8 kHz input,
-#    next to Codec 2 and Opus
+#    next to Codec 2 and Opus; with PIPER_VOICE set (the path of piper's en_US-joe-medium.onnx, and
+#    piper on PATH or in PIPER), also synthetic American English read sentences
+#    (scripts/build_read_speech_bench.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -31,3 +33,7 @@ done
 $BIN/vqkit bench corpora/speech16k/bench --out bench-out/held-out --bitrates 0.8,1.3,2.2,3.2
 $BIN/vqkit bench corpora/unseen/wideband --out bench-out/unseen --bitrates 0.8,1.3,2.2,3.2
 $BIN/vqkit bench corpora/unseen/narrowband --out bench-out/narrowband --bitrates 0.8,1.3,2.2,3.2
+if [ -n "${PIPER_VOICE:-}" ]; then
+    $BIN/python scripts/build_read_speech_bench.py corpora/read --voice "$PIPER_VOICE" --piper "${PIPER:-piper}"
+    $BIN/vqkit bench corpora/read --out bench-out/read --bitrates 0.8,1.3,2.2,3.2
+fi

@@ -4,9 +4,12 @@ in headless Chromium, and ``vqkit demo``'s wiring."""
 from __future__ import annotations
 
 import csv
+import importlib.util
+import itertools
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +249,29 @@ def test_demo_benches_the_shipped_model_on_the_bundled_sample(monkeypatch, tmp_p
     assert seen["model"] == "default" and seen["out"] == tmp_path
     clips = bench.list_clips(seen["audio_dir"])
     assert len(clips) >= 2 and all(sf.info(str(c)).samplerate == RATE for c in clips)
+
+
+def test_read_speech_bench_runs_piper_for_each_sentence_at_16k(tmp_path: Path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "read_bench", Path(__file__).parents[1] / "scripts/build_read_speech_bench.py"
+    )
+    read_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(read_bench)
+    piper = tmp_path / "piper"  # piper's command line: the text on stdin, a 22.05 kHz WAV out
+    piper.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, numpy as np, soundfile as sf\n"
+        "argv, text = sys.argv, sys.stdin.read()\n"
+        "scale = float(argv[argv.index('--length-scale') + 1])\n"
+        "n = int(len(text) * 400 * scale)\n"
+        "sf.write(argv[argv.index('-f') + 1], 0.1 * np.sin(np.arange(n) * 0.05), 22050)\n"
+    )
+    piper.chmod(0o755)
+    out = tmp_path / "read"
+    assert read_bench.main([str(out), "--voice", "joe.onnx", "--piper", str(piper)]) == 0
+    clips = sorted(out.glob("*.wav"))
+    assert len(clips) == len(read_bench.SENTENCES)
+    for clip, text, speed in zip(clips, read_bench.SENTENCES, itertools.cycle(read_bench.SPEEDS)):
+        info = sf.info(str(clip))
+        assert info.samplerate == 16000
+        assert info.frames == pytest.approx(len(text) * 400 * speed * 16000 / 22050, abs=2)

@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
-STEPS=${STEPS:-12000}
+STEPS=${STEPS:-24000}
 SHIP=(--compact --set codec.postfilter=1.15 --set codec.level_db=-18 --set codec.side_coding=joint)
 
 $BIN/python scripts/build_speech_corpus.py corpora/speech16k --debs corpora/debs

@@ -221,7 +221,8 @@ def test_high_band_weight_scales_the_loss_of_rows_above_the_split() -> None:
     freqs = make_frontend(config.features, config.audio.sample_rate).frequencies()
     assert rows.shape == (config.features.rate_k,)
     assert torch.equal(rows, torch.tensor(np.where(freqs > 4000.0, 0.25, 1.0)))
-    assert band_weights(load_config(RECIPES / "speech_parametric.toml")) is None
+    plain = load_config(RECIPES / "speech_parametric.toml", ["train.high_band_weight=1"])
+    assert band_weights(plain) is None
 
     x = torch.zeros(2, len(rows), 5)
     low, high = x.clone(), x.clone()
@@ -233,6 +234,9 @@ def test_high_band_weight_scales_the_loss_of_rows_above_the_split() -> None:
     assert reconstruction_loss(low, x, "mse", torch.ones(len(rows))) == plain[0] / 2
     with pytest.raises(VqkitError, match="needs audio features"):
         load_config(RECIPES / "image_vqvae.toml", ["train.high_band_weight=0.5"])
+    nothing = ["train.high_band_weight=0", "train.band_split_hz=0"]
+    with pytest.raises(VqkitError, match="leaves no feature row"):
+        band_weights(load_config(RECIPES / "speech_parametric.toml", nothing))
 
 
 def test_training_weights_the_loss_by_band(tiny_cache: Path, tmp_path: Path) -> None:

@@ -40,7 +40,13 @@ def band_weights(config: Config) -> Tensor | None:
     if tc.high_band_weight == 1:
         return None
     freqs = make_frontend(config.features, config.audio.sample_rate).frequencies()
-    return torch.tensor(np.where(freqs > tc.band_split_hz, tc.high_band_weight, 1.0))
+    rows = torch.tensor(np.where(freqs > tc.band_split_hz, tc.high_band_weight, 1.0))
+    if not rows.any():
+        raise VqkitError(
+            f"train.high_band_weight = 0 above train.band_split_hz = {tc.band_split_hz:g} Hz "
+            "leaves no feature row to train on"
+        )
+    return rows
 
 
 def spectral_distortion_db(x_db: Tensor, x_hat_db: Tensor) -> Tensor:

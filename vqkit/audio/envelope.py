@@ -77,7 +77,7 @@ class EnvelopeFrontend(Frontend):
         return self.analyse(wave)[0]
 
     def frequencies(self) -> np.ndarray:
-        return self.freqs.cpu().numpy().astype(np.float64)
+        return envelope_frequencies(self.n_bins, self.sample_rate)  # float64, not the buffer's 32
 
     def analyse(self, wave: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Envelope dB ``(B, K, N)``, F0 in Hz ``(B, N)`` and voicing (0 or 1) ``(B, N)``."""

@@ -35,7 +35,8 @@ def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: str, rows: Tensor | None
 
 def band_weights(config: Config) -> Tensor | None:
     """Training's loss weight of each feature row ``(F,)``: ``train.high_band_weight`` above
-    ``train.band_split_hz``, 1 below; None when they are all 1."""
+    ``train.band_split_hz``, 1 below; None when they are all 1. Validation keeps the plain loss,
+    so runs trained with other weights compare on it."""
     tc = config.train
     if tc.high_band_weight == 1:
         return None

@@ -3,9 +3,10 @@
 Keeps the best checkpoint's weights, config and normaliser, drops the optimizer state, and keeps the
 run's training curves (the `recon` and `sd_db` columns of metrics.jsonl) in the checkpoint's meta so
 `vqkit bench` can plot them without the run folder. `--set codec.KEY=VALUE` changes decoding
-settings (post-filter, Griffin-Lim iterations), which leave the weights alone. `--compact` writes an
-inference-only file: no codebook training state, the decoder in float16 (the codes unchanged).
-Usage: python scripts/ship_model.py RUN OUT.safetensors [--compact] [--set codec.KEY=VALUE ...]
+settings (post-filter, Griffin-Lim iterations) and `--set features.pitch=METHOD` the encoder's
+pitch tracker, which leave the weights alone. `--compact` writes an inference-only file: no
+codebook training state, the decoder in float16 (the codes unchanged).
+Usage: python scripts/ship_model.py RUN OUT.safetensors [--compact] [--set SECTION.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ CURVE_KEYS = ("step", "split", "recon", "loss", "sd_db")
 
 def ship(run: Path, out: Path, overrides: list[str], compact: bool = False) -> str:
     checkpoint = load_checkpoint(resolve_model(run))
-    if any(not o.startswith("codec.") for o in overrides):
-        raise VqkitError("only codec.* settings can change after training")
+    if any(not o.startswith(("codec.", "features.pitch=")) for o in overrides):
+        raise VqkitError("only codec.* settings and features.pitch can change after training")
     config = config_from_dict(merge_overrides(config_to_dict(checkpoint.config), overrides))
     curves = [
         {k: row[k] for k in CURVE_KEYS if k in row} for row in read_metrics(run / "metrics.jsonl")

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vqkit.checkpoint import FORMAT_VERSION, LATER_KEYS, load_checkpoint, save_checkpoint
-from vqkit.config import Config, load_config
+from vqkit.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from vqkit.config import SAVED_BEFORE, Config, load_config
 from vqkit.errors import VqkitError
 from vqkit.nn.model import build_model
 from vqkit.run import resolve_model
@@ -89,7 +89,7 @@ def test_a_compact_checkpoint_codes_alike_in_less_space(tmp_path: Path) -> None:
 
 def test_keys_added_later_keep_the_ids_of_models_saved_before_them(tmp_path: Path) -> None:
     """A checkpoint whose config predates a key (its JSON lacks it) keeps its model id: keys of
-    LATER_KEYS at their defaults are left out of the id; away from them they count."""
+    SAVED_BEFORE at those values are left out of the id; away from them they count."""
     config = tiny_config()
     model, _ = trained_model(config)
     new = tmp_path / "new.safetensors"
@@ -97,11 +97,13 @@ def test_keys_added_later_keep_the_ids_of_models_saved_before_them(tmp_path: Pat
     with safe_open(str(new), "pt") as f:
         metadata = f.metadata()
     values = json.loads(metadata["config"])
-    for section, key in LATER_KEYS:
+    for section, key in SAVED_BEFORE:
         del values[section][key]
     old = tmp_path / "old.safetensors"
     save_file(load_file(new), str(old), metadata={**metadata, "config": json.dumps(values)})
     assert load_checkpoint(old).model_id == load_checkpoint(new).model_id
+    assert load_checkpoint(old).config.features.pitch == "yin"  # what it was made with
+    assert load_checkpoint(new).config.features.pitch == "tracked"
     causal = tmp_path / "causal.safetensors"
     save_checkpoint(
         causal, model, tiny_config("model.encoder_lookahead=0"), meta={"in_shape": [12]}

@@ -482,9 +482,9 @@ def test_analysis_and_synthesis_memory_does_not_scale_with_the_chunk() -> None:
 
 
 def test_blocks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Working in blocks changes nothing: code packing is byte-identical, YIN exact, the
-    harmonics equal to float rounding."""
-    from vqkit.audio import envelope as envelope_module
+    """Working in blocks changes nothing: code packing is byte-identical, pitch tracking exact,
+    the harmonics equal to float rounding."""
+    from vqkit.audio import pitch as pitch_module
     from vqkit.audio import synthesis as synthesis_module
     from vqkit.audio.frontends import make_frontend
     from vqkit.codec.codefile import PACK_FRAMES, pack_codes, unpack_codes
@@ -506,7 +506,7 @@ def test_blocks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     envelope, f0, voiced = frontend.analyse(wave)
     synthesiser = synthesis_module.HarmonicNoise(frontend, config.codec.noise_voiced)
     blocked = (frontend.pitch(wave), synthesiser(envelope, wave.shape[-1], f0=f0, voiced=voiced))
-    monkeypatch.setattr(envelope_module, "YIN_BLOCK_FRAMES", 10**9)
+    monkeypatch.setattr(pitch_module, "YIN_BLOCK_FRAMES", 10**9)
     monkeypatch.setattr(synthesis_module, "SYNTHESIS_BLOCK_FRAMES", 10**9)
     whole = (frontend.pitch(wave), synthesiser(envelope, wave.shape[-1], f0=f0, voiced=voiced))
     assert all(torch.equal(a, b) for a, b in zip(blocked[0], whole[0], strict=True))

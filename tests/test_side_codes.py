@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vqkit.audio.envelope import F0_MAX, F0_MIN
+from vqkit.audio.pitch import F0_MAX, F0_MIN
 from vqkit.codec import joint
 from vqkit.codec.side import side_codebooks, side_codes, side_coding_of, side_from_codes
 from vqkit.errors import VqkitError

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from vqkit.config import Config, config_from_dict, config_to_dict
+from vqkit.config import SAVED_BEFORE, Config, config_to_dict, saved_config_from_dict
 from vqkit.errors import VqkitError, shown
 from vqkit.files import atomic_path
 from vqkit.nn.model import Autoencoder, build_model
@@ -107,7 +107,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
             f"reads version {FORMAT_VERSION}: retrain or use a matching vqkit"
         )
     try:
-        config = config_from_dict(_json_object(metadata.get("config", ""), "config"))
+        config = saved_config_from_dict(_json_object(metadata.get("config", ""), "config"))
         meta = _json_object(metadata.get("meta", "{}"), "meta")
     except VqkitError as e:
         raise VqkitError(f"{path} has a config this vqkit cannot load: {e}") from None
@@ -138,30 +138,24 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
     )
 
 
-# Config keys added after models shipped, left out of the id at their defaults: adding a key must
-# not change every existing model's id (its code files would no longer decode).
-LATER_KEYS = {
-    ("model", "encoder_lookahead"): -1,
-    ("model", "decoder_lookahead"): -1,
-    ("train", "augment"): 0.0,
-    ("train", "high_band_weight"): 1.0,
-    ("train", "band_split_hz"): 4000.0,
-}
+# Keys that only steer the encoder: files record what they hold and a model decodes them all, so
+# switching one must not orphan the files already made.
+ENCODER_ONLY = (("codec", "side_coding"), ("features", "pitch"))
 
 
 def model_id(weights: dict[str, Tensor], config: Config) -> str:
     """A short content hash of the network's weights and the config: 16 hex digits of sha256.
 
     The normaliser's statistics are left out, as they were when they travelled beside the weights,
-    and so are config keys of :data:`LATER_KEYS` at their defaults, so that the ids of models
-    saved before (the shipped one among them) stay what they were. So is ``codec.side_coding``:
-    it only steers the encoder, files record which coding they hold, and a model decodes them
-    all, so switching it must not orphan the files already made."""
+    and so are config keys added later (:data:`vqkit.config.SAVED_BEFORE`) at the value configs
+    saved before them had, so that the ids of models saved before (the shipped one among them)
+    stay what they were; and so are the keys of :data:`ENCODER_ONLY`."""
     values = config_to_dict(config)
-    for (section, key), default in LATER_KEYS.items():
-        if values[section].get(key) == default:
+    for (section, key), before in SAVED_BEFORE.items():
+        if values[section].get(key) == before:
             del values[section][key]
-    del values["codec"]["side_coding"]
+    for section, key in ENCODER_ONLY:
+        values[section].pop(key, None)
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
     for name in sorted(k for k in weights if not k.startswith(NORMALISER_PREFIX)):
         tensor = weights[name].detach().cpu().contiguous()

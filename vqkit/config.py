@@ -23,6 +23,7 @@ from vqkit.errors import VqkitError, shown
 PadSide = Literal["right", "left"]
 PadMode = Literal["constant", "reflect"]  # zeros | reflection
 FeatureKind = Literal["stft", "mel", "ratek", "envelope", "image"]
+PitchMethod = Literal["yin", "tracked"]  # envelope: vqkit.audio.pitch
 Normalise = Literal["none", "minmax", "minmax_sym", "meanstd"]
 SpeechLayout = Literal["auto", "folder", "fsdd", "l2arctic", "speechcommands", "ljspeech"]
 ImageLayout = Literal["cifar10", "mnist-idx", "image-folder", "sklearn-digits"]
@@ -66,6 +67,8 @@ class FeatureConfig:
     fmin: float = 0.0
     fmax: float = 0.0  # 0 means sample_rate / 2
     rate_k: int = 20  # number of rate-K envelope samples
+    # envelope: F0 and voicing by YIN's first dip ("yin") or candidates tracked over a few frames
+    pitch: PitchMethod = "tracked"
     normalise: Normalise = "meanstd"
 
 
@@ -341,6 +344,28 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     config = _build(Config, values, "")
     _check_sums(config)
     return config
+
+
+# Keys added after configs were first saved, with the value every config saved before them (a
+# checkpoint's, a cache's) was made with: a saved config without one reads as that value.
+SAVED_BEFORE: dict[tuple[str, str], Any] = {
+    ("model", "encoder_lookahead"): -1,
+    ("model", "decoder_lookahead"): -1,
+    ("train", "augment"): 0.0,
+    ("train", "high_band_weight"): 1.0,
+    ("train", "band_split_hz"): 4000.0,
+    ("features", "pitch"): "yin",
+}
+
+
+def saved_config_from_dict(values: dict[str, Any]) -> Config:
+    """:func:`config_from_dict` of a config vqkit saved, the keys it predates at the values it was
+    made with (:data:`SAVED_BEFORE`)."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for (section, key), before in SAVED_BEFORE.items():
+        if isinstance(values.get(section), dict):
+            values[section].setdefault(key, before)
+    return config_from_dict(values)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

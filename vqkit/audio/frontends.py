@@ -175,7 +175,7 @@ def make_frontend(features: FeatureConfig, sample_rate: int) -> Frontend:
         fmax = features.fmax or sample_rate / 2
         return MelFrontend(*stft_args, features.n_mels, features.fmin, fmax)
     if features.kind == "envelope":
-        return EnvelopeFrontend(*stft_args, features.rate_k)
+        return EnvelopeFrontend(*stft_args, features.rate_k, features.pitch)
     fmin, fmax = features.fmin or CODEC2_FMIN, features.fmax or CODEC2_FMAX
     if fmax >= sample_rate / 2:
         raise VqkitError(f"ratek fmax={fmax} Hz must be below sample_rate / 2 = {sample_rate / 2}")

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqkit.audio.envelope import F0_MIN, EnvelopeFrontend, interp
+from vqkit.audio.envelope import EnvelopeFrontend, interp
+from vqkit.audio.pitch import F0_MIN
 from vqkit.audio.stft import Frontend, griffin_lim, hz_to_mel_htk, istft, stft
 from vqkit.config import CodecConfig, Synthesis, check_value, choices
 from vqkit.errors import VqkitError

@@ -223,15 +223,15 @@ class Codec:
         """Codes ``(Q, N')`` of a model-rate sample stream, chunk by chunk; its length; and the
         power of its envelope and of the envelope decoded from those codes ``(2,)``
         (:meth:`_powers`; zeros for a spectrogram model)."""
-        d, hop, margin = self.downsample, self.hop_length, self.margins[0]
+        d, hop, margin, la = self.downsample, self.hop_length, self.margins[0], self.lookahead
         power = np.zeros(2)
-        context = math.ceil(self.frontend.n_fft / 2 / hop)  # frames the STFT reaches either side
+        context = math.ceil(la.analysis_back / hop)  # frames the analysis reaches back
         buffer, offset, total = np.zeros(0, dtype=np.float32), 0, None
         chunks, start = [], 0
         while True:
             stop = start + self.chunk_codes
             first, last = max(0, (start - margin) * d), (stop + margin) * d  # feature frames
-            needed = (last - 1 + context) * hop + 1
+            needed = (last - 1) * hop + la.analysis + 1
             while total is None and offset + len(buffer) < needed:
                 block = next(waves, None)
                 if block is None:

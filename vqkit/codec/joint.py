@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqkit.audio.envelope import F0_MAX, F0_MIN, UNVOICED_F0, fill_unvoiced
+from vqkit.audio.envelope import UNVOICED_F0, fill_unvoiced
+from vqkit.audio.pitch import F0_MAX, F0_MIN
 
 PITCH_BITS = 7  # log-F0 of an all-voiced code frame: 31-cent steps from F0_MIN to F0_MAX
 SLOPES = 12  # slopes of an all-voiced code frame, denser near 0 (see _slopes)

@@ -7,7 +7,7 @@ complete. Both run the same networks, front end and synthesiser as whole-file co
 
 - the encoder codes frame ``j`` once the samples its features and its network reach have arrived:
   the network's right reach (measured once, :func:`reach_sides`) in feature frames,
-  plus the analysis window (STFT, YIN and its median) in samples;
+  plus the analysis window (STFT, pitch tracking) in samples;
 - the decoder decodes frame ``j`` once the decoder network's right reach in packets has arrived;
 - the synthesiser makes one packet's frames at a time with a margin and a crossfade, carrying the
   harmonics' phase (:class:`vqkit.codec.stream.WindowSynthesiser`).
@@ -100,14 +100,14 @@ def reach_sides(net: nn.Module, channels: int, factor: int, downsampling: bool) 
         length *= 2
 
 
-def analysis_reach(frontend: nn.Module) -> int:
-    """Samples a feature frame looks ahead of its centre: half the STFT, or for the envelope
-    front end YIN's half window and the next frame its 3-frame median looks at."""
-    reach = frontend.n_fft // 2
+def analysis_reach(frontend: nn.Module) -> tuple[int, int]:
+    """Samples of signal a feature frame's analysis reads before and after its centre: half the
+    STFT, or for the envelope front end its pitch tracker's reach where that is further."""
+    half = frontend.n_fft // 2
     if isinstance(frontend, EnvelopeFrontend):
-        size = frontend.yin_window + frontend.max_lag
-        reach = max(reach, frontend.hop_length + size - size // 2)
-    return reach
+        back, ahead = frontend.tracker.reach()
+        return max(half, back), max(half, ahead)
+    return half, half
 
 
 class Lookahead:
@@ -119,7 +119,7 @@ class Lookahead:
         decoder = reach_sides(model.decoder, model.bottleneck.latent_dim, d, downsampling=False)
         self.encoder_back, self.encoder_ahead = encoder  # feature frames
         self.decoder_back, self.decoder_ahead = decoder  # code frames
-        self.analysis = analysis_reach(codec.frontend)  # samples
+        self.analysis_back, self.analysis = analysis_reach(codec.frontend)  # samples
         self.hop_length, self.downsample = codec.hop_length, d
 
     def encoder_needs(self, j: int) -> int:
@@ -210,7 +210,7 @@ class StreamEncoder:
         d, hop = codec.downsample, codec.hop_length
         first = max(0, (start - math.ceil(la.encoder_back / d)) * d)  # feature frames
         last = max(stop * d, (stop - 1) * d + la.encoder_ahead + 1)
-        context = math.ceil(la.analysis / hop)
+        context = math.ceil(la.analysis_back / hop)
         begin = max(0, first - context) * hop  # a frame boundary, so frames line up
         end = (last - 1) * hop + la.analysis + 1
         if n_frames is not None:

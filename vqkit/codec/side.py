@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqkit.audio.envelope import F0_MAX, F0_MIN, UNVOICED_F0, fill_unvoiced, interp
+from vqkit.audio.envelope import UNVOICED_F0, fill_unvoiced, interp
+from vqkit.audio.pitch import F0_MAX, F0_MIN
 from vqkit.codec import joint
 from vqkit.errors import VqkitError
 

@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from vqkit.config import Config, config_from_dict, config_to_dict
+from vqkit.config import Config, config_to_dict, saved_config_from_dict
 from vqkit.data.corpora import SPLITS
 from vqkit.errors import VqkitError, shown
 from vqkit.files import read_json
@@ -107,7 +107,8 @@ class FeatureCache:
             )
         raw = read_json(self.root / CONFIG)
         _check_version(raw, self.root / CONFIG)
-        self.config: Config = config_from_dict({k: v for k, v in raw.items() if k in _sections()})
+        sections = {k: v for k, v in raw.items() if k in _sections()}
+        self.config: Config = saved_config_from_dict(sections)
         if not (self.root / STATS).is_file():
             raise VqkitError(
                 f"{self.root} is incomplete (no {STATS}): run vqkit prepare again to finish it"

@@ -329,6 +329,19 @@ def test_config_errors(tmp_path: Path, capsys) -> None:
     assert "unknown config key 'data.layot'; did you mean 'layout'?" in capsys.readouterr().err
 
 
+def test_a_cache_made_before_a_key_reads_as_it_was_made(tmp_path: Path) -> None:
+    """A cache whose config.json predates ``features.pitch`` was analysed with YIN's first dip:
+    it says so, and preparing into it with the tracker is refused naming both."""
+    src = fsdd_tree(tmp_path / "src", speakers=("ann",), digits=(8,), n_index=6)
+    run(src, tmp_path / "out")
+    made = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert made["features"].pop("pitch") == "tracked"
+    (tmp_path / "out" / "config.json").write_text(json.dumps(made))
+    assert FeatureCache(tmp_path / "out").config.features.pitch == "yin"
+    with pytest.raises(VqkitError, match="prepared with features.pitch='yin', now 'tracked'"):
+        run(src, tmp_path / "out")
+
+
 def test_a_second_writer_is_refused(tmp_path: Path) -> None:
     src = fsdd_tree(tmp_path / "src", speakers=("ann",), digits=(9,), n_index=6)
     out = tmp_path / "out"

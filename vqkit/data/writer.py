@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vqkit.config import Config, config_to_dict
+from vqkit.config import SAVED_BEFORE, Config, config_to_dict
 from vqkit.data.cache import CONFIG, FEATURES, FORMAT_VERSION, PREPARED_SECTIONS
 from vqkit.data.corpora import IMAGE_LAYOUTS, SPLITS
 from vqkit.errors import VqkitError, shown
@@ -95,7 +95,7 @@ def write_config(out: Path, config: Config) -> None:
         raise VqkitError(f"{out} was made by another vqkit version; prepare into a new folder")
     for section in PREPARED_SECTIONS:
         for key, value in new[section].items():
-            before = old.get(section, {}).get(key)
+            before = old.get(section, {}).get(key, SAVED_BEFORE.get((section, key)))
             if before != value:
                 raise VqkitError(
                     f"{out} was prepared with {section}.{key}={shown(repr(before))}, now "

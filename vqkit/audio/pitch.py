@@ -25,6 +25,7 @@ analysis chunk by chunk equals whole-file analysis once chunks carry that contex
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,9 @@ class PitchTracker:
     by ``method``; unvoiced frames keep a raw estimate."""
 
     def __init__(self, sample_rate: int, hop_length: int, method: PitchMethod) -> None:
-        if method not in ("yin", "tracked"):
-            raise VqkitError(f"features.pitch must be 'yin' or 'tracked', got {method!r}")
+        if method not in typing.get_args(PitchMethod):
+            valid = " or ".join(map(repr, typing.get_args(PitchMethod)))
+            raise VqkitError(f"features.pitch must be {valid}, got {method!r}")
         self.sample_rate, self.hop_length, self.method = sample_rate, hop_length, method
         self.max_lag = math.ceil(sample_rate / F0_MIN)
         self.min_lag = math.floor(sample_rate / F0_MAX)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -23,7 +24,13 @@ from vqkit.data.augment import (
     EQ_DB,
     LEVEL_DB,
     LOWPASS_DB_PER_ROW,
+    NOISE_SNR_DB,
+    NOISE_TILT_DB,
+    REVERB_DRR_DB,
+    REVERB_T60,
     TILT_DB,
+    add_noise,
+    add_reverb,
     channel_gain,
     through_channel,
 )
@@ -448,6 +455,57 @@ def test_a_channel_shifts_each_row_alike_and_keeps_silence() -> None:
     np.testing.assert_array_equal(
         channel_gain(40, np.random.default_rng(1)), channel_gain(40, np.random.default_rng(1))
     )
+
+
+def test_a_room_adds_a_decaying_tail_below_the_direct_sound() -> None:
+    """An impulse frame in a room: the frames after it gain the late reverberation, falling 60 dB
+    per reverberation time, its energy 6-15 dB below the impulse's; the frames before it (a room
+    is causal) and every row alike."""
+    quiet = torch.full((3, 200), -120.0)
+    impulse = quiet.clone()
+    impulse[:, 50] = 0.0
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        t60, drr = rng.uniform(*REVERB_T60), rng.uniform(*REVERB_DRR_DB)
+        y, y0 = (add_reverb(x, np.random.default_rng(seed), 0.01) for x in (impulse, quiet))
+        torch.testing.assert_close(y[:, :50], y0[:, :50])
+        assert float(y[0, 50]) == pytest.approx(0.0, abs=1e-3)
+        tail = torch.pow(10.0, y[0, 51:].double() / 10) - torch.pow(10.0, y0[0, 51:].double() / 10)
+        assert 10 * math.log10(float(tail.sum())) == pytest.approx(-drr, abs=0.1)
+        fall = 10 * math.log10(float(tail[0] / tail[10]))  # dB over 100 ms
+        assert fall == pytest.approx(60 * 0.1 / t60, rel=0.01)
+        torch.testing.assert_close(y[1], y[0])
+
+
+def test_noise_fills_the_quiet_rows_at_its_ratio() -> None:
+    """Stationary noise sets a floor NOISE_SNR_DB below the segment's mean power, tilted at most
+    NOISE_TILT_DB across the rows: quiet frames rise to it, loud ones keep their level."""
+    x = torch.full((40, 100), -100.0)
+    x[:, ::2] = -10.0  # loud frames, mean power about -13 dB
+    for seed in range(10):
+        y = add_noise(x, np.random.default_rng(seed), floor_db=-100.0)
+        floor = y[:, 1::2].mean(1)  # the noise alone, per row
+        level = 10 * math.log10(float(torch.pow(10.0, x.double() / 10).mean()))
+        assert (floor <= level - NOISE_SNR_DB[0] + NOISE_TILT_DB / 2 + 0.1).all()
+        assert (floor >= level - NOISE_SNR_DB[1] - NOISE_TILT_DB / 2 - 0.1).all()
+        assert (y[:, ::2] - x[:, ::2]).abs().max() < 0.2
+
+
+def test_rooms_and_noise_in_training_segments(cache_dir: Path) -> None:
+    """The room and noise shares act on training segments only, reproducibly by seed; at 0 they
+    draw nothing, so a channel-only recipe crops and colours as before."""
+    cache = FeatureCache(cache_dir)
+    plain = SegmentDataset(cache, "train", 8, train=True, seed=3, augment=1.0)
+    zero = SegmentDataset(cache, "train", 8, train=True, seed=3, augment=1.0, reverb=0.0, noise=0.0)
+    torch.testing.assert_close(zero[0], plain[0])
+    for kind in ("reverb", "noise"):
+        both = [SegmentDataset(cache, "train", 8, train=True, seed=3, **{kind: 1.0}) for _ in "ab"]
+        torch.testing.assert_close(both[0][0], both[1][0])
+        assert not torch.allclose(both[0][0], SegmentDataset(cache, "train", 8, seed=3)[0])
+        val = SegmentDataset(cache, "val", 8, train=False, **{kind: 1.0})
+        torch.testing.assert_close(val[0], SegmentDataset(cache, "val", 8, train=False)[0])
+    with pytest.raises(VqkitError, match="train.augment_noise needs spectral features"):
+        load_config(None, ["train.augment_noise=0.5", "features.normalise='minmax'"])
 
 
 def test_augmented_training_segments(cache_dir: Path) -> None:

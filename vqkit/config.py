@@ -140,6 +140,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     recon_loss: ReconLoss = "mse"
     augment: float = 0.0  # share of segments through a random channel (vqkit.data.augment)
+    augment_reverb: float = 0.0  # share of segments in a random light room
+    augment_noise: float = 0.0  # share of segments with stationary noise added
     high_band_weight: float = 1.0  # loss weight of feature rows above band_split_hz (audio)
     band_split_hz: float = 4000.0
     log_every: int = 50
@@ -229,6 +231,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "train.lr": (1e-12, 10),
     "train.weight_decay": (0, INF),
     "train.augment": (0, 1),
+    "train.augment_reverb": (0, 1),
+    "train.augment_noise": (0, 1),
     "train.high_band_weight": (0, INF),
     "train.band_split_hz": (0, INF),
     "train.warmup_steps": (0, INF),
@@ -271,21 +275,21 @@ def check_value(key: str, value: float, name: str | None = None) -> None:
 
 
 def _check_sums(config: Config) -> None:
-    """Cross-key rules: the held-out fractions leave something to train on; channel augmentation
-    only on dB features whose normalisation has no per-item range; band weights only on audio."""
+    """Cross-key rules: the held-out fractions leave something to train on; augmentations only
+    on dB features whose normalisation has no per-item range; band weights only on audio."""
     data, features = config.data, config.features
     if data.val_fraction + data.test_fraction >= 1:
         raise VqkitError(
             f"data.val_fraction + data.test_fraction must be below 1, got "
             f"{data.val_fraction:g} + {data.test_fraction:g}"
         )
-    if config.train.augment > 0 and (
-        features.kind == "image" or features.normalise not in ("none", "meanstd")
-    ):
-        raise VqkitError(
-            "train.augment needs spectral features normalised 'none' or 'meanstd', got "
-            f"features.kind = '{features.kind}', features.normalise = '{features.normalise}'"
-        )
+    spectral = features.kind != "image" and features.normalise in ("none", "meanstd")
+    for key in ("augment", "augment_reverb", "augment_noise"):
+        if getattr(config.train, key) > 0 and not spectral:
+            raise VqkitError(
+                f"train.{key} needs spectral features normalised 'none' or 'meanstd', got "
+                f"features.kind = '{features.kind}', features.normalise = '{features.normalise}'"
+            )
     if config.train.high_band_weight != 1 and features.kind == "image":
         raise VqkitError("train.high_band_weight needs audio features; images have no frequencies")
 
@@ -352,6 +356,8 @@ SAVED_BEFORE: dict[tuple[str, str], Any] = {
     ("model", "encoder_lookahead"): -1,
     ("model", "decoder_lookahead"): -1,
     ("train", "augment"): 0.0,
+    ("train", "augment_reverb"): 0.0,
+    ("train", "augment_noise"): 0.0,
     ("train", "high_band_weight"): 1.0,
     ("train", "band_split_hz"): 4000.0,
     ("features", "pitch"): "yin",

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from vqkit.audio.frontends import floor_db
-from vqkit.data.augment import channel_gain, through_channel
+from vqkit.data.augment import add_noise, add_reverb, channel_gain, through_channel
 from vqkit.data.cache import FeatureCache
 from vqkit.errors import VqkitError
 from vqkit.nn.normalise import Normaliser
@@ -41,8 +41,10 @@ class SegmentDataset(torch.utils.data.Dataset):
     ``segment_frames == 0`` gives whole items; batch them with :meth:`collate`. An image cache
     gives whole images ``(C, H, W)`` in [-0.5, 0.5] whatever ``segment_frames`` is.
     ``augment`` is the share of training segments passed through a random recording channel
-    (:mod:`vqkit.data.augment`) before normalising; only dB features with the "none" or "meanstd"
-    normalisation take it (the config check says so).
+    (:mod:`vqkit.data.augment`) before normalising, ``reverb`` and ``noise`` the shares put in a
+    random room before it and given noise after it; only dB features with the "none" or
+    "meanstd" normalisation take them (the config check says so). Each draws from the random
+    stream only when its share is above 0, so recipes without it crop and colour as before.
     """
 
     def __init__(
@@ -53,14 +55,18 @@ class SegmentDataset(torch.utils.data.Dataset):
         train: bool = True,
         seed: int = 0,
         augment: float = 0.0,
+        reverb: float = 0.0,
+        noise: float = 0.0,
     ) -> None:
         if segment_frames < 0:
             raise VqkitError(f"segment_frames must be >= 0, got {segment_frames}")
         self.cache, self.split, self.segment_frames = cache, split, segment_frames
         self.train, self.seed, self.augment = train, seed, augment
+        self.reverb, self.noise = reverb, noise
         self.items = cache.items(split)
         self.normaliser = make_normaliser(cache)
         self.floor_db = floor_db(cache.config.features.kind)
+        self.frame_seconds = cache.config.features.hop_length / cache.config.audio.sample_rate
         self._rng: np.random.Generator | None = None
         self._rng_owner: object = None
 
@@ -79,8 +85,12 @@ class SegmentDataset(torch.utils.data.Dataset):
             x = x[:, start : start + n]
         elif n > 0 and x.shape[1] < n:
             x = torch.nn.functional.pad(x, (0, n - x.shape[1]), value=quiet)
-        if self.train and self.augment > 0 and self._generator().random() < self.augment:
+        if self._draw(self.reverb):
+            x = add_reverb(x, self._generator(), self.frame_seconds)
+        if self._draw(self.augment):
             x = through_channel(x, channel_gain(x.shape[0], self._generator()), quiet)
+        if self._draw(self.noise):
+            x = add_noise(x, self._generator(), quiet)
         side = item_side_info(self.normaliser, item)[None]
         with torch.no_grad():
             return self.normaliser.normalise(x[None], side)[0].contiguous()
@@ -100,6 +110,10 @@ class SegmentDataset(torch.utils.data.Dataset):
             return torch.full(like.shape[:1], self.normaliser.low)
         silence = torch.full((1, like.shape[0], 1), self.floor_db)
         return self.normaliser.normalise(silence)[0, :, 0]
+
+    def _draw(self, share: float) -> bool:
+        """Whether this training segment takes an augmentation given to ``share`` of them."""
+        return self.train and share > 0 and self._generator().random() < share
 
     def _generator(self) -> np.random.Generator:
         info = torch.utils.data.get_worker_info()

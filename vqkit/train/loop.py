@@ -281,7 +281,16 @@ def training_batch(cache: FeatureCache, step: int, config: Config, dist: Distrib
     tc = config.train
     seed = step_seed(tc.seed, dist.rank, step)
     torch.manual_seed(seed)  # quantizer dropout, k-means init and dead-code re-seeding
-    crops = SegmentDataset(cache, "train", tc.segment_frames, True, seed, tc.augment)
+    crops = SegmentDataset(
+        cache,
+        "train",
+        tc.segment_frames,
+        True,
+        seed,
+        tc.augment,
+        tc.augment_reverb,
+        tc.augment_noise,
+    )
     indices = batch_indices(step, len(crops), tc.batch_size, tc.seed, dist.rank, dist.world_size)
     return torch.stack([crops[i] for i in indices]).to(dist.device, non_blocking=True)
 

@@ -9,7 +9,8 @@
 # 3. training (single-threaded: on 2 shared cores one torch thread was several times faster)
 # 4. each best checkpoint becomes a compact model in vqkit/assets (no codebook training state, the
 #    decoder in float16: the codes unchanged), with the decoder post-filter and input level chosen
-#    on validation clips of the training voices, and pitch and voicing coded jointly (275 bit/s)
+#    on validation clips of the training voices, pitch and voicing coded jointly (275 bit/s) and,
+#    in front of models trained on YIN's analysis, the pitch tracker (features.pitch = "tracked")
 # 5. the benches: held-out voices, unseen corpora (scripts/build_unseen_bench.py) and 8 kHz input,
 #    next to Codec 2 and Opus; with PIPER_VOICE set (the path of piper's en_US-joe-medium.onnx, and
 #    piper on PATH or in PIPER), also synthetic American English read sentences
@@ -18,7 +19,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 STEPS=${STEPS:-24000}
-SHIP=(--compact --set codec.postfilter=1.15 --set codec.level_db=-18 --set codec.side_coding=joint)
+SHIP=(--compact --set codec.postfilter=1.15 --set codec.level_db=-18 --set codec.side_coding=joint
+    --set features.pitch=tracked)
 
 $BIN/python scripts/build_speech_corpus.py corpora/speech16k --debs corpora/debs
 $BIN/python scripts/build_unseen_bench.py corpora/unseen --debs corpora/debs --fsdd ../shared/data/fsdd

@@ -221,8 +221,8 @@ def test_high_band_weight_scales_the_loss_of_rows_above_the_split() -> None:
     freqs = make_frontend(config.features, config.audio.sample_rate).frequencies()
     assert rows.shape == (config.features.rate_k,)
     assert torch.equal(rows, torch.tensor(np.where(freqs > 4000.0, 0.25, 1.0)))
-    plain = load_config(RECIPES / "speech_parametric.toml", ["train.high_band_weight=1"])
-    assert band_weights(plain) is None
+    unweighted = load_config(RECIPES / "speech_parametric.toml", ["train.high_band_weight=1"])
+    assert band_weights(unweighted) is None
 
     x = torch.zeros(2, len(rows), 5)
     low, high = x.clone(), x.clone()

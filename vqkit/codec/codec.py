@@ -225,13 +225,12 @@ class Codec:
         (:meth:`_powers`; zeros for a spectrogram model)."""
         d, hop, margin, la = self.downsample, self.hop_length, self.margins[0], self.lookahead
         power = np.zeros(2)
-        context = math.ceil(la.analysis_back / hop)  # frames the analysis reaches back
         buffer, offset, total = np.zeros(0, dtype=np.float32), 0, None
         chunks, start = [], 0
         while True:
             stop = start + self.chunk_codes
             first, last = max(0, (start - margin) * d), (stop + margin) * d  # feature frames
-            needed = (last - 1) * hop + la.analysis + 1
+            needed = la.analysis_end(last)
             while total is None and offset + len(buffer) < needed:
                 block = next(waves, None)
                 if block is None:
@@ -243,7 +242,7 @@ class Codec:
                 if start >= math.ceil(n_frames / d):
                     break
                 stop, last = min(stop, math.ceil(n_frames / d)), min(last, n_frames)
-            begin = max(0, first - context) * hop  # a frame boundary, so frames line up
+            begin = la.analysis_start(first)
             buffer, offset = buffer[begin - offset :], begin
             wave = torch.from_numpy(buffer[: needed - begin])[None]
             frames = slice(first - begin // hop, last - begin // hop)

@@ -119,14 +119,23 @@ class Lookahead:
         decoder = reach_sides(model.decoder, model.bottleneck.latent_dim, d, downsampling=False)
         self.encoder_back, self.encoder_ahead = encoder  # feature frames
         self.decoder_back, self.decoder_ahead = decoder  # code frames
-        self.analysis_back, self.analysis = analysis_reach(codec.frontend)  # samples
+        self.analysis_back, self.analysis_ahead = analysis_reach(codec.frontend)  # samples
         self.hop_length, self.downsample = codec.hop_length, d
+
+    def analysis_start(self, first: int) -> int:
+        """The first model-rate sample the analysis of feature frames from ``first`` on reads, on
+        a frame boundary so that the frames of a window line up with the whole stream's."""
+        return max(0, first - math.ceil(self.analysis_back / self.hop_length)) * self.hop_length
+
+    def analysis_end(self, last: int) -> int:
+        """Model-rate samples the analysis of the feature frames before ``last`` needs."""
+        return (last - 1) * self.hop_length + self.analysis_ahead + 1
 
     def encoder_needs(self, j: int) -> int:
         """Model-rate samples the encoder needs before it can code frame ``j``."""
         d = self.downsample
         last = max((j + 1) * d - 1, j * d + self.encoder_ahead)  # its last feature frame
-        return last * self.hop_length + self.analysis + 1
+        return self.analysis_end(last + 1)
 
     def decoder_gives(self, n_packets: int) -> int:
         """Model-rate samples of audio the decoder has given after ``n_packets`` packets."""
@@ -210,9 +219,7 @@ class StreamEncoder:
         d, hop = codec.downsample, codec.hop_length
         first = max(0, (start - math.ceil(la.encoder_back / d)) * d)  # feature frames
         last = max(stop * d, (stop - 1) * d + la.encoder_ahead + 1)
-        context = math.ceil(la.analysis_back / hop)
-        begin = max(0, first - context) * hop  # a frame boundary, so frames line up
-        end = (last - 1) * hop + la.analysis + 1
+        begin, end = la.analysis_start(first), la.analysis_end(last)
         if n_frames is not None:
             last, end = min(last, n_frames), self.offset + len(self.buffer)
         wave = torch.from_numpy(self.buffer[begin - self.offset : end - self.offset])[None]
@@ -221,7 +228,7 @@ class StreamEncoder:
             codes = codec.encode_window(wave, frames, self.n_stages)  # (Q, L)
         codes = codes[:, start - first // d : stop - first // d]
         self.next_code = stop
-        keep = max(0, (stop - math.ceil(la.encoder_back / d)) * d - context) * hop
+        keep = la.analysis_start((stop - math.ceil(la.encoder_back / d)) * d)
         self.buffer, self.offset = self.buffer[keep - self.offset :], keep
         sizes = self.header.codebook_sizes
         return [pack_packet(column, sizes) for column in codes.T]

@@ -29,14 +29,16 @@ from vqkit.data.augment import (
     REVERB_DRR_DB,
     REVERB_T60,
     TILT_DB,
+    WARP_LOG,
     add_noise,
     add_reverb,
     channel_gain,
     through_channel,
+    warp_rows,
 )
 from vqkit.data.cache import FeatureCache
 from vqkit.data.corpora import list_corpus
-from vqkit.data.dataset import SegmentDataset, make_normaliser
+from vqkit.data.dataset import SegmentDataset, make_normaliser, row_frequencies
 from vqkit.data.prepare import prepare
 from vqkit.errors import VqkitError
 
@@ -491,21 +493,41 @@ def test_noise_fills_the_quiet_rows_at_its_ratio() -> None:
         assert (y[:, ::2] - x[:, ::2]).abs().max() < 0.2
 
 
+def test_warp_scales_every_frequency_by_one_factor() -> None:
+    """A feature equal to its row's frequency comes back as frequency / factor on the rows whose
+    source lies inside the axis: one factor within +-WARP_LOG for all rows and frames, the ends
+    held beyond; draws differ."""
+    freqs = np.geomspace(60.0, 7800.0, 40)
+    x = torch.from_numpy(freqs).float()[:, None].repeat(1, 5)
+    factors = []
+    for seed in range(4):
+        y = warp_rows(x, freqs, np.random.default_rng(seed))
+        inside = (freqs / 0.8 < freqs[-1]) & (freqs * 0.8 > freqs[0])
+        ratio = (x / y)[torch.from_numpy(inside)]
+        assert abs(math.log(ratio.mean())) <= WARP_LOG + 1e-6
+        torch.testing.assert_close(ratio, ratio.mean().expand_as(ratio), rtol=0.02, atol=0)
+        assert y.min() >= freqs[0] - 1e-3 and y.max() <= freqs[-1] + 1e-3
+        factors.append(float(ratio.mean()))
+    assert len(set(round(f, 4) for f in factors)) == 4
+
+
 def test_rooms_and_noise_in_training_segments(cache_dir: Path) -> None:
-    """The room and noise shares act on training segments only, reproducibly by seed; at 0 they
+    """The room, noise and warp shares act on training segments only, reproducibly by seed; at 0 they
     draw nothing, so a channel-only recipe crops and colours as before."""
     cache = FeatureCache(cache_dir)
     plain = SegmentDataset(cache, "train", 8, train=True, seed=3, augment=1.0)
     zero = SegmentDataset(cache, "train", 8, train=True, seed=3, augment=1.0, reverb=0.0, noise=0.0)
     torch.testing.assert_close(zero[0], plain[0])
-    for kind in ("reverb", "noise"):
+    assert len(row_frequencies(cache.config)) == cache.config.features.n_fft // 2 + 1
+    for kind in ("reverb", "noise", "warp"):
         both = [SegmentDataset(cache, "train", 8, train=True, seed=3, **{kind: 1.0}) for _ in "ab"]
         torch.testing.assert_close(both[0][0], both[1][0])
         assert not torch.allclose(both[0][0], SegmentDataset(cache, "train", 8, seed=3)[0])
         val = SegmentDataset(cache, "val", 8, train=False, **{kind: 1.0})
         torch.testing.assert_close(val[0], SegmentDataset(cache, "val", 8, train=False)[0])
-    with pytest.raises(VqkitError, match="train.augment_noise needs spectral features"):
-        load_config(None, ["train.augment_noise=0.5", "features.normalise='minmax'"])
+    for key in ("augment_noise", "augment_warp"):
+        with pytest.raises(VqkitError, match=f"train.{key} needs spectral features"):
+            load_config(None, [f"train.{key}=0.5", "features.normalise='minmax'"])
 
 
 def test_augmented_training_segments(cache_dir: Path) -> None:

@@ -142,6 +142,7 @@ class TrainConfig:
     augment: float = 0.0  # share of segments through a random channel (vqkit.data.augment)
     augment_reverb: float = 0.0  # share of segments in a random light room
     augment_noise: float = 0.0  # share of segments with stationary noise added
+    augment_warp: float = 0.0  # share of segments with their frequencies scaled (another speaker)
     high_band_weight: float = 1.0  # loss weight of feature rows above band_split_hz (audio)
     band_split_hz: float = 4000.0
     log_every: int = 50
@@ -233,6 +234,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "train.augment": (0, 1),
     "train.augment_reverb": (0, 1),
     "train.augment_noise": (0, 1),
+    "train.augment_warp": (0, 1),
     "train.high_band_weight": (0, INF),
     "train.band_split_hz": (0, INF),
     "train.warmup_steps": (0, INF),
@@ -284,7 +286,7 @@ def _check_sums(config: Config) -> None:
             f"{data.val_fraction:g} + {data.test_fraction:g}"
         )
     spectral = features.kind != "image" and features.normalise in ("none", "meanstd")
-    for key in ("augment", "augment_reverb", "augment_noise"):
+    for key in ("augment", "augment_reverb", "augment_noise", "augment_warp"):
         if getattr(config.train, key) > 0 and not spectral:
             raise VqkitError(
                 f"train.{key} needs spectral features normalised 'none' or 'meanstd', got "
@@ -358,6 +360,7 @@ SAVED_BEFORE: dict[tuple[str, str], Any] = {
     ("train", "augment"): 0.0,
     ("train", "augment_reverb"): 0.0,
     ("train", "augment_noise"): 0.0,
+    ("train", "augment_warp"): 0.0,
     ("train", "high_band_weight"): 1.0,
     ("train", "band_split_hz"): 4000.0,
     ("features", "pitch"): "yin",

@@ -14,6 +14,10 @@ exponentially decaying sum of the frames before it (a light late reverberation: 
 time and direct-to-reverberant ratio at random), :func:`add_noise` a stationary noise of random
 colour at a random signal-to-noise ratio. Both are training options of their own
 (``train.augment_reverb``, ``train.augment_noise``).
+
+A speaker of another size, as vocal tract length perturbation makes one: :func:`warp_rows` moves
+every formant by the same random factor, reading each row's frequency from the feature's own axis
+(``train.augment_warp``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ REVERB_DRR_DB = (6.0, 15.0)  # direct over reverberant energy (dB), uniform in t
 REVERB_T60_FRAMES = 2.0  # the tail is summed over this many times the T60 (120 dB down)
 NOISE_SNR_DB = (15.0, 40.0)  # the segment's mean power over the noise's (dB), uniform
 NOISE_TILT_DB = 12.0  # the noise's top row against its bottom row, uniform in +-this
+WARP_LOG = 0.12  # natural log of the largest frequency warp: factors from 0.89 to 1.13
 
 
 def channel_gain(n_rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,3 +91,16 @@ def add_noise(x: Tensor, rng: np.random.Generator, floor_db: float) -> Tensor:
     )
     noisy = 10 * torch.log10(power + torch.pow(10.0, noise_db / 10)[:, None])
     return noisy.clamp(min=floor_db).to(x.dtype)
+
+
+def warp_rows(x: Tensor, frequencies: np.ndarray, rng: np.random.Generator) -> Tensor:
+    """dB features ``x`` ``(F, N)``, row ``k`` at ``frequencies[k]`` Hz, with every frequency
+    scaled by a random factor ``a`` (``log a`` uniform in +-:data:`WARP_LOG`): row ``k`` takes the
+    value the input has at ``frequencies[k] / a``, linear between rows, the end rows held beyond
+    them: ``(F, N)``."""
+    factor = math.exp(rng.uniform(-WARP_LOG, WARP_LOG))
+    rows = np.arange(len(frequencies), dtype=np.float64)
+    source = torch.from_numpy(np.interp(frequencies / factor, frequencies, rows))
+    below = source.floor().long().clamp(max=len(rows) - 2)
+    weight = (source - below).to(x.dtype)[:, None]
+    return x[below] * (1 - weight) + x[below + 1] * weight

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from vqkit.audio.frontends import floor_db
-from vqkit.data.augment import add_noise, add_reverb, channel_gain, through_channel
+from vqkit.audio.frontends import floor_db, make_frontend
+from vqkit.config import Config
+from vqkit.data.augment import add_noise, add_reverb, channel_gain, through_channel, warp_rows
 from vqkit.data.cache import FeatureCache
 from vqkit.errors import VqkitError
 from vqkit.nn.normalise import Normaliser
@@ -30,6 +33,12 @@ def item_side_info(normaliser: Normaliser, item: dict) -> Tensor:
     return torch.tensor([item["x_min"], item["x_max"]], dtype=torch.float32)
 
 
+@functools.cache
+def row_frequencies(config: Config) -> np.ndarray:
+    """The frequency (Hz) of each row of the audio features ``config`` describes: ``(F,)``."""
+    return make_frontend(config.features, config.audio.sample_rate).frequencies()
+
+
 class SegmentDataset(torch.utils.data.Dataset):
     """Normalised ``(F, segment_frames)`` float32 segments of one split of a cache.
 
@@ -42,7 +51,8 @@ class SegmentDataset(torch.utils.data.Dataset):
     gives whole images ``(C, H, W)`` in [-0.5, 0.5] whatever ``segment_frames`` is.
     ``augment`` is the share of training segments passed through a random recording channel
     (:mod:`vqkit.data.augment`) before normalising, ``reverb`` and ``noise`` the shares put in a
-    random room before it and given noise after it; only dB features with the "none" or
+    random room before it and given noise after it, ``warp`` the share whose frequencies are
+    scaled first (another speaker's vocal tract length); only dB features with the "none" or
     "meanstd" normalisation take them (the config check says so). Each draws from the random
     stream only when its share is above 0, so recipes without it crop and colour as before.
     """
@@ -57,12 +67,13 @@ class SegmentDataset(torch.utils.data.Dataset):
         augment: float = 0.0,
         reverb: float = 0.0,
         noise: float = 0.0,
+        warp: float = 0.0,
     ) -> None:
         if segment_frames < 0:
             raise VqkitError(f"segment_frames must be >= 0, got {segment_frames}")
         self.cache, self.split, self.segment_frames = cache, split, segment_frames
         self.train, self.seed, self.augment = train, seed, augment
-        self.reverb, self.noise = reverb, noise
+        self.reverb, self.noise, self.warp = reverb, noise, warp
         self.items = cache.items(split)
         self.normaliser = make_normaliser(cache)
         self.floor_db = floor_db(cache.config.features.kind)
@@ -85,6 +96,8 @@ class SegmentDataset(torch.utils.data.Dataset):
             x = x[:, start : start + n]
         elif n > 0 and x.shape[1] < n:
             x = torch.nn.functional.pad(x, (0, n - x.shape[1]), value=quiet)
+        if self._draw(self.warp):
+            x = warp_rows(x, row_frequencies(self.cache.config), self._generator())
         if self._draw(self.reverb):
             x = add_reverb(x, self._generator(), self.frame_seconds)
         if self._draw(self.augment):

@@ -290,6 +290,7 @@ def training_batch(cache: FeatureCache, step: int, config: Config, dist: Distrib
         tc.augment,
         tc.augment_reverb,
         tc.augment_noise,
+        tc.augment_warp,
     )
     indices = batch_indices(step, len(crops), tc.batch_size, tc.seed, dist.rank, dist.world_size)
     return torch.stack([crops[i] for i in indices]).to(dist.device, non_blocking=True)

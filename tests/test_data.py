@@ -512,8 +512,8 @@ def test_warp_scales_every_frequency_by_one_factor() -> None:
 
 
 def test_rooms_and_noise_in_training_segments(cache_dir: Path) -> None:
-    """The room, noise and warp shares act on training segments only, reproducibly by seed; at 0 they
-    draw nothing, so a channel-only recipe crops and colours as before."""
+    """The room, noise and warp shares act on training segments only, reproducibly by seed; at 0
+    they draw nothing, so a channel-only recipe crops and colours as before."""
     cache = FeatureCache(cache_dir)
     plain = SegmentDataset(cache, "train", 8, train=True, seed=3, augment=1.0)
     zero = SegmentDataset(cache, "train", 8, train=True, seed=3, augment=1.0, reverb=0.0, noise=0.0)

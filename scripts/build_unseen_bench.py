@@ -11,6 +11,10 @@ rebuilds the same clips:
   are joined, in file order, with :data:`GAP_SECONDS` of silence until the clip is long enough.
 - OUT/narrowband: 8 kHz clips: Italian phone prompts of asterisk-prompt-it-menardi-wav, and, when
   ``--fsdd`` is given, spoken digits of each FSDD speaker's official test takes (indices 0-4).
+- OUT/room: the wideband clips in a reverberant room with noise, as a far microphone hears them:
+  each convolved with an impulse response of its own (the direct sound, then a decaying noise
+  tail: reverberation time and direct-to-reverberant ratio in :data:`ROOM_T60` and
+  :data:`ROOM_DRR_DB`), then pink-ish noise added at :data:`ROOM_SNR_DB`, from a fixed seed.
 
 Every choice is a pure function of the package contents (sorted file lists, fixed offsets), so the
 selection is deterministic; the level of each recording is kept as it is.
@@ -25,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import scipy.signal
 import soundfile as sf
 
 from vqkit.audio.io import read_audio, write_audio
@@ -44,6 +49,10 @@ SECONDS = (2.0, 6.0)  # length of a wideband clip
 GAP_SECONDS = 0.2  # silence between joined utterances
 MIN_SOURCE_RATE = 16000  # recordings below this rate are not wideband
 NARROWBAND_CLIPS = 4  # Menardi prompts of 2-6 s, evenly over the sorted list
+ROOM_T60 = (0.3, 0.6)  # seconds, uniform
+ROOM_DRR_DB = (4.0, 10.0)  # direct over reverberant energy, uniform
+ROOM_SNR_DB = (20.0, 30.0)  # the reverberant speech's mean power over the noise's, uniform
+ROOM_SEED = 7
 
 
 def fetch(debs: Path) -> None:
@@ -123,6 +132,29 @@ def build_narrowband(root: Path, out: Path, fsdd: Path | None) -> None:
     print(f"narrowband: {len(list(out.glob('*.wav')))} clips")
 
 
+def in_room(wave: np.ndarray, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """``wave`` through a random room (:data:`ROOM_T60`, :data:`ROOM_DRR_DB`) with noise
+    (:data:`ROOM_SNR_DB`; a one-pole low-pass of white noise), peak at most 0.9."""
+    t60 = rng.uniform(*ROOM_T60)
+    t = np.arange(round(t60 * sample_rate)) / sample_rate
+    tail = rng.standard_normal(len(t)) * 10 ** (-3 * t / t60)
+    tail[: round(0.005 * sample_rate)] = 0.0  # the first reflections arrive after 5 ms
+    tail *= np.sqrt(10 ** (-rng.uniform(*ROOM_DRR_DB) / 10) / np.sum(tail**2))
+    tail[0] = 1.0  # the direct sound
+    wet = scipy.signal.fftconvolve(wave.astype(np.float64), tail)[: len(wave)]
+    noise = scipy.signal.lfilter([1.0], [1.0, -0.9], rng.standard_normal(len(wet)))
+    snr = 10 ** (rng.uniform(*ROOM_SNR_DB) / 10)
+    wet += noise * np.sqrt(np.mean(wet**2) / np.mean(noise**2) / snr)
+    return (wet * min(1.0, 0.9 / np.abs(wet).max())).astype(np.float32)
+
+
+def build_room(wideband: Path, out: Path) -> None:
+    rng = np.random.default_rng(ROOM_SEED)
+    for path in sorted(wideband.glob("*.wav")):
+        write_audio(out / path.name, in_room(read_audio(path, 16000)[0], 16000, rng), 16000)
+    print(f"room: {len(list(out.glob('*.wav')))} clips")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -136,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
         build_wideband(root, args.out / "wideband")
         build_narrowband(root, args.out / "narrowband", args.fsdd)
+    build_room(args.out / "wideband", args.out / "room")
     return 0
 
 

@@ -19,6 +19,7 @@ from browser import needs_chromium, screenshot
 from conftest import TINY_BARE_CODEC, save_random_codec
 from test_metrics import speechlike
 
+from vqkit.audio.io import write_audio
 from vqkit.cli import main
 from vqkit.config import load_config
 from vqkit.eval import bench, perceptual
@@ -275,3 +276,28 @@ def test_read_speech_bench_runs_piper_for_each_sentence_at_16k(tmp_path: Path, c
         info = sf.info(str(clip))
         assert info.samplerate == 16000
         assert info.frames == pytest.approx(len(text) * 400 * speed * 16000 / 22050, abs=2)
+
+
+def test_room_bench_is_the_wideband_bench_reverberant_and_noisy(tmp_path: Path) -> None:
+    """Each wideband clip comes back as long, at 16 kHz, peak at most 0.9, the same from run to
+    run: a burst leaves a decaying tail and a noise floor in the silence after it."""
+    spec = importlib.util.spec_from_file_location(
+        "unseen_bench", Path(__file__).parents[1] / "scripts/build_unseen_bench.py"
+    )
+    unseen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unseen)
+    t = np.arange(32000) / 16000
+    burst = np.where(t < 1.0, 0.5 * np.sin(2 * np.pi * 220 * t), 0.0).astype(np.float32)
+    wideband = tmp_path / "wideband"
+    for name in ("a", "b"):
+        write_audio(wideband / f"{name}.wav", burst, 16000)
+    for out in ("room", "again"):
+        unseen.build_room(wideband, tmp_path / out)
+    for name in ("a", "b"):
+        y, rate = sf.read(str(tmp_path / "room" / f"{name}.wav"), dtype="float32")
+        assert rate == 16000 and len(y) == len(burst) and np.abs(y).max() <= 0.9 + 1e-4
+        np.testing.assert_array_equal(y, sf.read(str(tmp_path / "again" / f"{name}.wav"))[0])
+        spans = ((0, 16000), (16000, 16800), (-8000, None))  # the burst, 50 ms after, the end
+        power = [float(np.mean(y[a:b] ** 2)) for a, b in spans]
+        floor = power[0] / 10 ** (unseen.ROOM_SNR_DB[1] / 10)
+        assert power[0] > power[1] > 3 * power[2] > floor  # speech, its tail, then the noise

@@ -27,7 +27,7 @@ import torch
 from vqkit.audio.envelope import fill_unvoiced
 from vqkit.audio.io import read_audio
 from vqkit.audio.synthesis import make_synthesiser, postfilter
-from vqkit.codec.codec import load_codec
+from vqkit.codec.codec import Codec, load_codec
 from vqkit.codec.side import side_codes
 from vqkit.errors import VqkitError
 from vqkit.eval.metrics import pesq_nb, pesq_wb, stoi
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "vqkit" / "assets" / "sample"
 
 
-def variants(codec, wave: torch.Tensor, stages: list[int]) -> dict[str, tuple]:
+def variants(codec: Codec, wave: torch.Tensor, stages: list[int]) -> dict[str, tuple]:
     """Envelope (dB), F0 and voicing for each row, from one clip ``(1, T)`` at the model's rate."""
     envelope, f0, voiced = codec.frontend.analyse(wave)
     n, strength = envelope.shape[-1], codec.config.codec.postfilter

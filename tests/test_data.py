@@ -17,6 +17,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from vqkit.audio.frontends import row_frequencies
 from vqkit.audio.stft import DB_FLOOR
 from vqkit.cli import main
 from vqkit.config import Config, load_config
@@ -38,7 +39,7 @@ from vqkit.data.augment import (
 )
 from vqkit.data.cache import FeatureCache
 from vqkit.data.corpora import list_corpus
-from vqkit.data.dataset import SegmentDataset, make_normaliser, row_frequencies
+from vqkit.data.dataset import SegmentDataset, make_normaliser
 from vqkit.data.prepare import prepare
 from vqkit.errors import VqkitError
 
@@ -518,7 +519,9 @@ def test_rooms_and_noise_in_training_segments(cache_dir: Path) -> None:
     plain = SegmentDataset(cache, "train", 8, train=True, seed=3, augment=1.0)
     zero = SegmentDataset(cache, "train", 8, train=True, seed=3, augment=1.0, reverb=0.0, noise=0.0)
     torch.testing.assert_close(zero[0], plain[0])
-    assert len(row_frequencies(cache.config)) == cache.config.features.n_fft // 2 + 1
+    config = cache.config
+    freqs = row_frequencies(config.features, config.audio.sample_rate)
+    assert len(freqs) == config.features.n_fft // 2 + 1
     for kind in ("reverb", "noise", "warp"):
         both = [SegmentDataset(cache, "train", 8, train=True, seed=3, **{kind: 1.0}) for _ in "ab"]
         torch.testing.assert_close(both[0][0], both[1][0])

@@ -21,6 +21,7 @@ every kind. ``envelope`` (:mod:`vqkit.audio.envelope`) is the parametric codec's
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -180,6 +181,13 @@ def make_frontend(features: FeatureConfig, sample_rate: int) -> Frontend:
     if fmax >= sample_rate / 2:
         raise VqkitError(f"ratek fmax={fmax} Hz must be below sample_rate / 2 = {sample_rate / 2}")
     return RateKFrontend(*stft_args, features.rate_k, fmin, fmax)
+
+
+@functools.cache
+def row_frequencies(features: FeatureConfig, sample_rate: int) -> np.ndarray:
+    """The frequency (Hz) of each row of the features ``features`` describes at ``sample_rate``
+    (their front end's :meth:`frequencies`, built once per configuration): ``(F,)``."""
+    return make_frontend(features, sample_rate).frequencies()
 
 
 def ratek_frequencies(rate_k: int, fmin: float = CODEC2_FMIN, fmax: float = CODEC2_FMAX):

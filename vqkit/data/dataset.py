@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from vqkit.audio.frontends import floor_db, make_frontend
-from vqkit.config import Config
+from vqkit.audio.frontends import floor_db, row_frequencies
 from vqkit.data.augment import add_noise, add_reverb, channel_gain, through_channel, warp_rows
 from vqkit.data.cache import FeatureCache
 from vqkit.errors import VqkitError
@@ -31,12 +28,6 @@ def item_side_info(normaliser: Normaliser, item: dict) -> Tensor:
     if normaliser.n_side == 0:
         return torch.zeros(0)
     return torch.tensor([item["x_min"], item["x_max"]], dtype=torch.float32)
-
-
-@functools.cache
-def row_frequencies(config: Config) -> np.ndarray:
-    """The frequency (Hz) of each row of the audio features ``config`` describes: ``(F,)``."""
-    return make_frontend(config.features, config.audio.sample_rate).frequencies()
 
 
 class SegmentDataset(torch.utils.data.Dataset):
@@ -97,7 +88,9 @@ class SegmentDataset(torch.utils.data.Dataset):
         elif n > 0 and x.shape[1] < n:
             x = torch.nn.functional.pad(x, (0, n - x.shape[1]), value=quiet)
         if self._draw(self.warp):
-            x = warp_rows(x, row_frequencies(self.cache.config), self._generator())
+            config = self.cache.config
+            freqs = row_frequencies(config.features, config.audio.sample_rate)
+            x = warp_rows(x, freqs, self._generator())
         if self._draw(self.reverb):
             x = add_reverb(x, self._generator(), self.frame_seconds)
         if self._draw(self.augment):

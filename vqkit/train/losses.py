@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqkit.audio.frontends import make_frontend
+from vqkit.audio.frontends import row_frequencies
 from vqkit.config import Config, ReconLoss, choices
 from vqkit.errors import VqkitError
 
@@ -40,7 +40,7 @@ def band_weights(config: Config) -> Tensor | None:
     tc = config.train
     if tc.high_band_weight == 1:
         return None
-    freqs = make_frontend(config.features, config.audio.sample_rate).frequencies()
+    freqs = row_frequencies(config.features, config.audio.sample_rate)
     rows = torch.tensor(np.where(freqs > tc.band_split_hz, tc.high_band_weight, 1.0))
     if not rows.any():
         raise VqkitError(

@@ -43,29 +43,24 @@ def variants(codec: Codec, wave: torch.Tensor, stages: list[int]) -> dict[str, t
     n, strength = envelope.shape[-1], codec.config.codec.postfilter
     true_side = (fill_unvoiced(f0, voiced), voiced)
 
-    def denormalised(x_hat: torch.Tensor) -> torch.Tensor:
-        return codec.normaliser.denormalise(x_hat[..., :n], x_hat.new_zeros(1, 0))
-
     def filtered(x: torch.Tensor) -> torch.Tensor:
         return postfilter(x[0], strength, codec.bandwidths)[None]
 
     normalised = codec.normaliser.normalise(envelope)
-    latent = codec.model(normalised).z
+    unquantised = codec.model.decoder(codec.model(normalised).z)[..., :n]
+    unquantised = codec.normaliser.denormalise(unquantised, unquantised.new_zeros(1, 0))
     rows = {
         "true parameters": (envelope, *true_side),
         "+ post-filter": (filtered(envelope), *true_side),
-        "autoencoder, no VQ": (filtered(denormalised(codec.model.decoder(latent))), *true_side),
+        "autoencoder, no VQ": (filtered(unquantised), *true_side),
     }
     side = side_codes(f0, voiced, codec.downsample, codec.side_coding)[0]
     for q in stages:
-        codes = codec.model.encode(normalised, q)
-        rows[f"{q} stages"] = (filtered(denormalised(codec.model.decode(codes))), *true_side)
-        frames = codec.decode_window(torch.cat([side, codes[0]]))
-        rows[f"{q} stages + side codes"] = (
-            frames.features[None, :, :n],
-            frames.f0[None, :n],
-            frames.voiced[None, :n],
-        )
+        codes = codec.model.encode(normalised, q)[0]
+        frames = codec.decode_window(torch.cat([side, codes]))  # the decoder's own path
+        coded = frames.features[None, :, :n]
+        rows[f"{q} stages"] = (coded, *true_side)
+        rows[f"{q} stages + side codes"] = (coded, frames.f0[None, :n], frames.voiced[None, :n])
     return rows
 
 

@@ -5,7 +5,9 @@ Session-scoped, so every test module that needs data pays for generating and pre
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -165,3 +167,12 @@ def speech() -> np.ndarray:
     """1.5 s of speech-like audio at 8 kHz with an odd length."""
     rng = np.random.default_rng(0)
     return np.concatenate([synth_utterance(rng, 0.5, f0) for f0 in (120, 200, 160)])[:-3]
+
+
+def load_script(name: str) -> ModuleType:
+    """The module of ``scripts/NAME.py``, to call its functions."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ in headless Chromium, and ``vqkit demo``'s wiring."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import json
 import re
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from browser import needs_chromium, screenshot
-from conftest import TINY_BARE_CODEC, save_random_codec
+from conftest import TINY_BARE_CODEC, load_script, save_random_codec
 from test_metrics import speechlike
 
 from vqkit.audio.io import write_audio
@@ -253,11 +252,7 @@ def test_demo_benches_the_shipped_model_on_the_bundled_sample(monkeypatch, tmp_p
 
 
 def test_read_speech_bench_runs_piper_for_each_sentence_at_16k(tmp_path: Path, capsys) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "read_bench", Path(__file__).parents[1] / "scripts/build_read_speech_bench.py"
-    )
-    read_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(read_bench)
+    read_bench = load_script("build_read_speech_bench")
     piper = tmp_path / "piper"  # piper's command line: the text on stdin, a 22.05 kHz WAV out
     piper.write_text(
         f"#!{sys.executable}\n"
@@ -281,11 +276,7 @@ def test_read_speech_bench_runs_piper_for_each_sentence_at_16k(tmp_path: Path, c
 def test_room_bench_is_the_wideband_bench_reverberant_and_noisy(tmp_path: Path) -> None:
     """Each wideband clip comes back as long, at 16 kHz, peak at most 0.9, the same from run to
     run: a burst leaves a decaying tail and a noise floor in the silence after it."""
-    spec = importlib.util.spec_from_file_location(
-        "unseen_bench", Path(__file__).parents[1] / "scripts/build_unseen_bench.py"
-    )
-    unseen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(unseen)
+    unseen = load_script("build_unseen_bench")
     t = np.arange(32000) / 16000
     burst = np.where(t < 1.0, 0.5 * np.sin(2 * np.pi * 220 * t), 0.0).astype(np.float32)
     wideband = tmp_path / "wideband"

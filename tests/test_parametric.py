@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import typing
 from pathlib import Path
@@ -14,7 +13,7 @@ import soundfile as sf
 import torch
 from conftest import TINY_PARAMETRIC_K as K
 from conftest import TINY_PARAMETRIC_RATE as CODEC_RATE
-from conftest import save_random_codec, tiny_parametric_config
+from conftest import load_script, save_random_codec, tiny_parametric_config
 
 from vqkit.audio.envelope import EnvelopeFrontend, fill_unvoiced
 from vqkit.audio.frontends import make_frontend
@@ -367,11 +366,7 @@ def test_recipe_prepares_trains_and_codes_end_to_end(
     assert "3 stages decoded" in capsys.readouterr().out
     assert sf.info(str(out)).frames == sf.info(str(clip)).frames
     # scripts/finetune_synthesis.py: a few end-to-end steps through the synthesiser, then resumed
-    spec = importlib.util.spec_from_file_location(
-        "finetune", ROOT / "scripts/finetune_synthesis.py"
-    )
-    finetune_synthesis = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune_synthesis)
+    finetune_synthesis = load_script("finetune_synthesis")
     tuned = tmp_path / "tuned.safetensors"
     args = [str(tmp_path / "run"), str(tmp_path / "cache"), str(tiny_speech_dir), str(tuned)]
     options = ["--batch", "2", "--seconds", "0.3", "--save-every", "2"]

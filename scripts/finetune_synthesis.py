@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         n_stages = random.Random(args.seed * 100003 + step).randint(1, codec.n_codebooks)
         with torch.no_grad():
             envelope, f0, voiced = codec.frontend.analyse(wave)
-            codes = model.encode(codec.normaliser.normalise(envelope), n_stages)
+            normalised = codec.normaliser.normalise(envelope)
+            codes = model.encode(normalised, n_stages, codec.config.codec.beam)
             latent = model.bottleneck.dequantize(codes)
             f0_hat, voiced_hat = pitch_from_codes(pitch_codes(f0, voiced, d), d, f0.shape[-1])
         x_hat = model.decoder(latent)[..., : envelope.shape[-1]]

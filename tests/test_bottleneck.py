@@ -211,6 +211,32 @@ def test_more_residual_stages_reconstruct_better() -> None:
     assert all(a > b for a, b in zip(errors, errors[1:], strict=False))
 
 
+def test_beam_search_codes_closer_and_exactly_when_it_keeps_every_path() -> None:
+    """One path is the greedy search of training; more find closer sums of the same codebooks;
+    a beam as wide as every pair of the first two stages finds the best of all combinations."""
+    torch.manual_seed(13)
+    rvq = make("rvq", n_codebooks=3, codebook_size=8).train()
+    z = torch.randn(2, 16, 40)
+    for _ in range(3):
+        rvq(z)
+    rvq.eval()
+
+    def error(codes: torch.Tensor) -> torch.Tensor:  # squared distance per latent vector
+        return (rvq.dequantize(codes) - z).square().sum(1).flatten()
+
+    greedy = rvq.quantize(z)
+    assert torch.equal(rvq.quantize(z, beam=1), greedy) and torch.equal(rvq(z).codes, greedy)
+    assert error(rvq.quantize(z, beam=4)).mean() < error(greedy).mean()
+    every = torch.cartesian_prod(*[torch.arange(8)] * 3).T[None]  # (1, 3, 512)
+    sums = rvq.dequantize(every)[0].T  # (512, 16)
+    best = torch.cdist(z.movedim(1, -1).reshape(-1, 16), sums).square().min(1).values
+    torch.testing.assert_close(error(rvq.quantize(z, beam=64)), best, atol=1e-4, rtol=1e-4)
+    image = torch.randn(2, 16, 3, 5)
+    assert rvq.quantize(image, 2, beam=3).shape == (2, 2, 3, 5)
+    with pytest.raises(ValueError, match="beam"):
+        rvq.quantize(z, beam=0)
+
+
 def test_fsq_codes_are_in_range_and_decode_to_the_grid() -> None:
     torch.manual_seed(11)
     levels = (8, 5, 3)

@@ -250,7 +250,7 @@ def test_bitrate_counts_pitch_and_voicing(model_path: Path, speech: np.ndarray) 
     assert payload_kbps == pytest.approx(codec.bitrates[1], rel=0.03)
     voicing = encoded.codes[2]
     assert 15 in voicing and (voicing < 15).any()  # voiced frames, and the silent edges not
-    assert len(np.unique(encoded.codes[3])) > 3
+    assert len(np.unique(encoded.codes[0])) >= 3  # the pitch codes follow its three tones
 
 
 @pytest.mark.parametrize("side_coding", ["separate", "joint"])
@@ -401,6 +401,20 @@ def test_joint_side_coding_fits_a_stage_more_and_old_files_decode_as_before(
         # either codec decodes either file, the same way, whatever its own setting
         np.testing.assert_array_equal(separate.decode(coded), joint.decode(coded))
     assert np.abs(joint.decode(encoded)).max() > 0.01
+
+
+def test_the_search_beam_steers_only_the_encoder(model_path: Path, speech: np.ndarray) -> None:
+    """``codec.beam`` changes the codes (not their count) and keeps the model id; a file decodes
+    the same whatever the decoding codec's beam."""
+    checkpoint = load_checkpoint(model_path)
+    greedy_config = replace(checkpoint.config, codec={"beam": 1})
+    greedy = Codec(dataclasses.replace(checkpoint, config=greedy_config))
+    searched = Codec(checkpoint)
+    assert checkpoint.config.codec.beam > 1 and greedy.model_id == searched.model_id
+    a = greedy.encode(speech, CODEC_RATE, bitrate=greedy.bitrates[2])
+    b = searched.encode(speech, CODEC_RATE, bitrate=greedy.bitrates[2])
+    assert a.codes.shape == b.codes.shape and (a.codes != b.codes).any()
+    np.testing.assert_array_equal(greedy.decode(b), searched.decode(b))
 
 
 def test_the_pitch_method_steers_only_the_encoder(

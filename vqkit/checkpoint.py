@@ -140,7 +140,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
 
 # Keys that only steer the encoder: files record what they hold and a model decodes them all, so
 # switching one must not orphan the files already made.
-ENCODER_ONLY = (("codec", "side_coding"), ("features", "pitch"))
+ENCODER_ONLY = (("codec", "side_coding"), ("codec", "beam"), ("features", "pitch"))
 
 
 def model_id(weights: dict[str, Tensor], config: Config) -> str:

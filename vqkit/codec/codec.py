@@ -296,7 +296,8 @@ class Codec:
         else:
             features = self.frontend(wave)
         features = features[..., frames]
-        codes = self.model.encode(self.normaliser.normalise(features), n_stages)[0]  # (Q, L)
+        x = self.normaliser.normalise(features)
+        codes = self.model.encode(x, n_stages, self.config.codec.beam)[0]  # (Q, L)
         if self.parametric:  # the pitch and voicing rows go first
             side = side_codes(f0[:, frames], voiced[:, frames], self.downsample, self.side_coding)
             codes = torch.cat([side[0], codes])

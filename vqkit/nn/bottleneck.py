@@ -49,8 +49,11 @@ class Bottleneck(nn.Module):
     def forward(self, z: Tensor, n_codebooks: int | None = None) -> BottleneckOutput:
         raise NotImplementedError
 
-    def quantize(self, z: Tensor, n_codebooks: int | None = None) -> Tensor:
-        """Discrete: codes ``(B, Q, *S)``; continuous: the latent the decoder takes."""
+    def quantize(self, z: Tensor, n_codebooks: int | None = None, beam: int = 1) -> Tensor:
+        """Discrete: codes ``(B, Q, *S)``; continuous: the latent the decoder takes.
+
+        ``beam``: the paths a multi-stage search keeps (:class:`ResidualVQ`); every other search
+        is exact with one."""
         raise NotImplementedError
 
     def dequantize(self, codes: Tensor) -> Tensor:
@@ -74,7 +77,7 @@ class Identity(Bottleneck):
         self._check(z)
         return BottleneckOutput(z, self._zero(z), None, {})
 
-    def quantize(self, z: Tensor, n_codebooks: int | None = None) -> Tensor:
+    def quantize(self, z: Tensor, n_codebooks: int | None = None, beam: int = 1) -> Tensor:
         self._check(z)
         return z
 
@@ -116,7 +119,7 @@ class Gaussian(Bottleneck):
         kl = gaussian_kl(mean, logvar)
         return BottleneckOutput(z_q, self.kl_weight * kl, None, {"kl": kl.item()})
 
-    def quantize(self, z: Tensor, n_codebooks: int | None = None) -> Tensor:
+    def quantize(self, z: Tensor, n_codebooks: int | None = None, beam: int = 1) -> Tensor:
         return self.posterior(z)[0]
 
     def dequantize(self, codes: Tensor) -> Tensor:
@@ -187,7 +190,7 @@ class VectorQuantizer(Bottleneck):
         codes = codes.reshape(z.shape[0], 1, *z.shape[2:])
         return BottleneckOutput(unflatten_latent(z_q, _outer(z)), loss, codes, stats)
 
-    def quantize(self, z: Tensor, n_codebooks: int | None = None) -> Tensor:
+    def quantize(self, z: Tensor, n_codebooks: int | None = None, beam: int = 1) -> Tensor:
         self._check(z)
         _check_n(n_codebooks, 1)
         return self.codes_rows(flatten_latent(z)).reshape(z.shape[0], 1, *z.shape[2:])
@@ -272,15 +275,26 @@ class ResidualVQ(Bottleneck):
         z_q = unflatten_latent(z_q, _outer(z))
         return BottleneckOutput(z_q, torch.stack(losses).mean(), codes, stats)
 
-    def quantize(self, z: Tensor, n_codebooks: int | None = None) -> Tensor:
+    def quantize(self, z: Tensor, n_codebooks: int | None = None, beam: int = 1) -> Tensor:
+        """Greedy with ``beam`` 1: each stage takes its own nearest code to what the stages before
+        left. With more, the ``beam`` paths through the stages with the smallest residual are
+        kept, each extended by every code of the next stage, and the best path at the end wins:
+        a closer ``z_q`` for the same bits (the decoder is unchanged)."""
         self._check(z)
         _check_n(n_codebooks, self.n_codebooks)
+        if beam < 1:
+            raise ValueError(f"beam must be at least 1, got {beam}")
+        stages = self.stages[: n_codebooks or self.n_codebooks]
         residual = flatten_latent(z)
-        codes = []
-        for stage in self.stages[: n_codebooks or self.n_codebooks]:
-            codes.append(stage.codes_rows(residual))
-            residual = residual - stage.decode_rows(codes[-1])
-        return torch.stack(codes, 1).reshape(*_outer(z), -1).movedim(-1, 1)
+        if beam > 1:
+            codes = _beam_search(stages, residual, beam)
+        else:
+            codes = []
+            for stage in stages:
+                codes.append(stage.codes_rows(residual))
+                residual = residual - stage.decode_rows(codes[-1])
+            codes = torch.stack(codes, 1)
+        return codes.reshape(*_outer(z), -1).movedim(-1, 1)
 
     def dequantize(self, codes: Tensor) -> Tensor:
         """Codes of the first ``Q <= n_codebooks`` stages ``(B, Q, *S)`` to ``(B, D, *S)``."""
@@ -292,6 +306,31 @@ class ResidualVQ(Bottleneck):
             # same order of additions as forward, so the result is bit-identical
             z_q = torch.zeros_like(z_q_i) + z_q_i if z_q is None else z_q + z_q_i
         return unflatten_latent(z_q, _outer_codes(codes))
+
+
+def _beam_search(stages: nn.ModuleList, rows: Tensor, beam: int) -> Tensor:
+    """Codes ``(M, N)`` of ``rows`` ``(M, D)`` through ``stages``: at each stage every kept path's
+    residual meets every code, and the ``beam`` closest (path, code) pairs go on."""
+    m = rows.shape[0]
+    residual = rows[:, None]  # (M, K, D): the residual each kept path leaves
+    codes = torch.zeros(m, 1, 0, dtype=torch.long, device=rows.device)
+    for stage in stages:
+        size = stage.codebook_size
+        entries = stage.decode_rows(torch.arange(size, device=rows.device))  # (C, D)
+        flat = residual.reshape(-1, residual.shape[-1])
+        # minus the squared distance of every (path, code): topk's largest is the faster search
+        closeness = torch.addmm(entries.square().sum(-1).neg(), flat, entries.T, alpha=2)
+        closeness = closeness.sub_(flat.square().sum(-1, keepdim=True)).reshape(m, -1)
+        kept = closeness.topk(min(beam, closeness.shape[1])).indices  # sorted: 0 is the best
+        path, code = kept.div(size, rounding_mode="floor"), kept % size
+        residual = _paths(residual, path) - entries[code]
+        codes = torch.cat([_paths(codes, path), code[..., None]], -1)
+    return codes[:, 0]
+
+
+def _paths(t: Tensor, path: Tensor) -> Tensor:
+    """The rows ``path`` ``(M, K')`` of ``t`` ``(M, K, X)``: ``(M, K', X)``."""
+    return t.gather(1, path[..., None].expand(-1, -1, t.shape[-1]))
 
 
 class FSQ(Bottleneck):
@@ -337,7 +376,7 @@ class FSQ(Bottleneck):
     def _index(self, digits: Tensor) -> Tensor:
         return fsq_codes(digits.detach(), self.levels, self.basis)
 
-    def quantize(self, z: Tensor, n_codebooks: int | None = None) -> Tensor:
+    def quantize(self, z: Tensor, n_codebooks: int | None = None, beam: int = 1) -> Tensor:
         self._check(z)
         _check_n(n_codebooks, 1)
         codes = self._index(self._round(flatten_latent(z)))

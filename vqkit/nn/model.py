@@ -324,9 +324,10 @@ class Autoencoder(nn.Module):
         out = self.bottleneck(z, n_codebooks)
         return AutoencoderOutput(crop(self.decoder(out.z_q), size), z, out)
 
-    def encode(self, x: Tensor, n_codebooks: int | None = None) -> Tensor:
-        """Discrete: codes ``(B, Q, *S')``; continuous: the latent ``(B, D, *S')`` (VAE: mean)."""
-        return self.bottleneck.quantize(self._encoder_output(x)[0], n_codebooks)
+    def encode(self, x: Tensor, n_codebooks: int | None = None, beam: int = 1) -> Tensor:
+        """Discrete: codes ``(B, Q, *S')``; continuous: the latent ``(B, D, *S')`` (VAE: mean).
+        ``beam``: the paths a residual VQ's search keeps (:meth:`ResidualVQ.quantize`)."""
+        return self.bottleneck.quantize(self._encoder_output(x)[0], n_codebooks, beam)
 
     def decode(self, codes_or_latent: Tensor, length: int | Sequence[int] | None = None) -> Tensor:
         """Decode codes (or a latent) and crop to ``length`` frames, or ``(H, W)`` in 2-D.

@@ -2,7 +2,8 @@
 
 - the encoder with its quantizer: normalised features ``x`` ``(B, F, N)`` (or images
   ``(B, C, H, W)``) -> ``codes`` ``(B, Q, N')`` int64 (a continuous model gives its latent
-  ``(B, D, N')``, the VAE its posterior mean);
+  ``(B, D, N')``, the VAE its posterior mean); a residual VQ is searched greedily, stage by
+  stage (``codec.beam = 1``);
 - the decoder: ``codes`` -> ``x_hat`` ``(B, F, N' * downsample)``; crop it to ``N`` frames.
 
 They give the codes and outputs of :meth:`Autoencoder.encode` and :meth:`Autoencoder.decode`

@@ -99,7 +99,9 @@ def test_bitrates_and_stage_choice(checkpoint: Checkpoint, speech: np.ndarray) -
 
 
 @pytest.mark.parametrize("beam", [1, 4])
-def test_chunked_encoding_equals_whole(checkpoint: Checkpoint, speech: np.ndarray, beam: int) -> None:
+def test_chunked_encoding_equals_whole(
+    checkpoint: Checkpoint, speech: np.ndarray, beam: int
+) -> None:
     config = replace(checkpoint.config, codec={"beam": beam})
     checkpoint = dataclasses.replace(checkpoint, config=config)
     chunked, whole = Codec(checkpoint, chunk_seconds=0.02), Codec(checkpoint, WHOLE)

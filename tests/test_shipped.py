@@ -12,6 +12,7 @@ import soundfile as sf
 from conftest import TINY_PARAMETRIC_K, TINY_PARAMETRIC_RATE, save_random_codec
 from conftest import tiny_parametric_config as config
 
+import vqkit
 import vqkit.run
 from vqkit.audio.io import resample, write_audio
 from vqkit.checkpoint import load_checkpoint
@@ -73,3 +74,22 @@ def test_without_a_narrowband_model_default_codes_everything(
         main(["encode", str(tmp_path / "nb.wav"), str(tmp_path / "x.vqc"), "--model", "narrowband"])
         == 1
     )
+
+
+def test_encode_searches_the_stages_with_the_beam_asked_for(tmp_path: Path, capsys) -> None:
+    """``--beam`` overrides the shipped model's search (4 paths) in files and streams; both
+    searches' codes are the model's, and a width out of range is one line and exit 1."""
+    clip = str(sorted((Path(vqkit.__file__).parent / "assets" / "sample").glob("*.flac"))[0])
+    files = {beam: tmp_path / f"beam{beam}.vqc" for beam in ("1", "4")}
+    for beam, path in files.items():
+        assert main(["encode", clip, str(path), "--bitrate", "1.3", "--beam", beam]) == 0
+    greedy, searched = (read_code_file(path)[0] for path in files.values())
+    assert greedy.model_id == searched.model_id and greedy.codes.shape == searched.codes.shape
+    assert (greedy.codes != searched.codes).any()
+    assert main(["encode", clip, str(tmp_path / "default.vqc"), "--bitrate", "1.3"]) == 0
+    assert (tmp_path / "default.vqc").read_bytes() == files["4"].read_bytes()
+    capsys.readouterr()
+    for output in (tmp_path / "x.vqc", "-"):
+        assert main(["encode", clip, str(output), "--beam", "0"]) == 1
+        assert "--beam must be 1..1024" in capsys.readouterr().err
+    assert not (tmp_path / "x.vqc").exists()

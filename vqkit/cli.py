@@ -75,13 +75,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if "-" in (str(args.input), str(args.output)):  # a pipe on either side: a packet stream
         from vqkit.codec.pipes import encode_stream
 
-        options = (args.model, args.bitrate, args.rate, args.format, args.gain)
+        options = (args.model, args.bitrate, args.rate, args.format, args.gain, args.beam)
         info = encode_stream(*_pipe_ends(args), *options)
         print(info, file=sys.stderr if str(args.output) == "-" else sys.stdout)
         return 0
     from vqkit.codec.file_io import encode_file
 
-    info = encode_file(args.input, args.output, model=args.model, bitrate=args.bitrate)
+    info = encode_file(args.input, args.output, args.model, args.bitrate, args.beam)
     print(info)
     return 0
 

@@ -126,6 +126,12 @@ def _add_codec_verbs(verb: Verb) -> None:
         help="packet stream: dB applied before encoding "
         "(default: a file's level gain; 0 for raw PCM)",
     )
+    p.add_argument(
+        "--beam",
+        type=int,
+        help="paths the residual stages are searched with (default: the model's codec.beam, "
+        "4 for the shipped ones; 1 is greedy)",
+    )
 
     p = verb("decode", "decode a .vqc code file or a packet stream to audio")
     p.add_argument("input", type=Path, help="code file or packet stream, or - (standard input)")

@@ -46,7 +46,7 @@ from vqkit.codec.packets import StreamHeader
 from vqkit.codec.realtime import Lookahead, StreamDecoder, StreamEncoder
 from vqkit.codec.side import side_codebooks, side_codes, side_coding_of, side_from_codes
 from vqkit.codec.stream import soft_limit, synthesise_chunked
-from vqkit.config import Config
+from vqkit.config import Config, check_value
 from vqkit.errors import VqkitError, shown
 from vqkit.nn.normalise import Normaliser
 from vqkit.run import resolve_model
@@ -59,7 +59,9 @@ MAX_LEVEL_LOSS_DB = 40  # the level correction of decoding never scales by more 
 class Codec:
     """A trained discrete model as a speech codec (see :func:`load_codec`)."""
 
-    def __init__(self, checkpoint: Checkpoint, chunk_seconds: float | None = None) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, chunk_seconds: float | None = None, beam: int | None = None
+    ) -> None:
         config, model = checkpoint.config, checkpoint.model
         _check_model(config, model)
         self.checkpoint, self.config, self.model = checkpoint, config, model.eval()
@@ -80,6 +82,8 @@ class Codec:
         self.side = side_codebooks(self.downsample, self.side_coding) if self.parametric else ()
         seconds = config.codec.chunk_seconds if chunk_seconds is None else chunk_seconds
         self.chunk_codes = max(1, round(seconds * self.frame_rate))  # code frames per chunk
+        self.beam = config.codec.beam if beam is None else beam  # paths of the stages' search
+        check_value("codec.beam", self.beam, "--beam")
 
     @property
     def frame_rate(self) -> float:
@@ -297,7 +301,7 @@ class Codec:
             features = self.frontend(wave)
         features = features[..., frames]
         x = self.normaliser.normalise(features)
-        codes = self.model.encode(x, n_stages, self.config.codec.beam)[0]  # (Q, L)
+        codes = self.model.encode(x, n_stages, self.beam)[0]  # (Q, L)
         if self.parametric:  # the pitch and voicing rows go first
             side = side_codes(f0[:, frames], voiced[:, frames], self.downsample, self.side_coding)
             codes = torch.cat([side[0], codes])
@@ -374,9 +378,14 @@ class Codec:
             )
 
 
-def load_codec(model: str | os.PathLike = "default", chunk_seconds: float | None = None) -> Codec:
-    """The codec of ``model``: "default" (shipped), a run folder or a checkpoint file."""
-    return Codec(load_checkpoint(resolve_model(model)), chunk_seconds)
+def load_codec(
+    model: str | os.PathLike = "default",
+    chunk_seconds: float | None = None,
+    beam: int | None = None,
+) -> Codec:
+    """The codec of ``model``: "default" (shipped), a run folder or a checkpoint file; ``None``
+    keeps the model's ``codec.chunk_seconds`` and ``codec.beam``."""
+    return Codec(load_checkpoint(resolve_model(model)), chunk_seconds, beam)
 
 
 def as_encoded(source: CodeSource) -> EncodedAudio:

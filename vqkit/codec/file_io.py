@@ -19,12 +19,14 @@ def encode_file(
     output: str | os.PathLike,
     model: str | os.PathLike = "default",
     bitrate: float | None = None,
+    beam: int | None = None,
 ) -> str:
     """Encode an audio file to a ``.vqc`` code file; returns a one-line summary. ``"default"``
-    codes 8 kHz input with the shipped narrowband model (:func:`vqkit.run.model_for_rate`)."""
+    codes 8 kHz input with the shipped narrowband model (:func:`vqkit.run.model_for_rate`);
+    ``beam`` overrides the model's ``codec.beam``."""
     check_output(output, input, *_model_files(model), refuse_suffixes=AUDIO_SUFFIXES)
     sample_rate, blocks = open_audio_blocks(input)
-    codec = load_codec(model_for_rate(model, sample_rate))
+    codec = load_codec(model_for_rate(model, sample_rate), beam=beam)
     n_stages = codec.n_stages(bitrate)  # fail on a bad bitrate before reading the audio
     gain = codec._gain(open_audio_blocks(input)[1]) if codec.config.codec.level_db else 0
     encoded = codec.encode_blocks(blocks, sample_rate, n_stages, gain)

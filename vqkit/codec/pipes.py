@@ -53,19 +53,22 @@ def encode_stream(
     sample_rate: int | None = None,
     raw_format: str = "s16le",
     gain_db: int | None = None,
+    beam: int | None = None,
 ) -> str:
     """Encode raw PCM (a binary file object) or an audio file to a packet stream written to a
     binary file object or a file; returns a one-line summary. ``gain_db`` defaults to the
     file's level gain for a file and 0 for raw PCM, whose level nobody knows in advance.
-    ``"default"`` codes 8 kHz input with the shipped narrowband model."""
+    ``"default"`` codes 8 kHz input with the shipped narrowband model; ``beam`` overrides the
+    model's ``codec.beam``."""
     if isinstance(source, (str, os.PathLike)):
         rate, blocks = open_audio_blocks(source)
-        codec = load_codec(model_for_rate(model, rate))
+        codec = load_codec(model_for_rate(model, rate), beam=beam)
         if gain_db is None:
             level = codec.config.codec.level_db
             gain_db = codec._gain(open_audio_blocks(source)[1]) if level else 0
     else:
-        codec = load_codec(model if sample_rate is None else model_for_rate(model, sample_rate))
+        model = model if sample_rate is None else model_for_rate(model, sample_rate)
+        codec = load_codec(model, beam=beam)
         rate = codec.sample_rate if sample_rate is None else sample_rate
         blocks = read_pcm(source, raw_format)
     n_stages = codec.n_stages(bitrate)

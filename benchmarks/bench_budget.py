@@ -56,7 +56,7 @@ def variants(codec: Codec, wave: torch.Tensor, stages: list[int]) -> dict[str, t
     }
     side = side_codes(f0, voiced, codec.downsample, codec.side_coding)[0]
     for q in stages:
-        codes = codec.model.encode(normalised, q, codec.config.codec.beam)[0]
+        codes = codec.model.encode(normalised, q, codec.beam)[0]
         frames = codec.decode_window(torch.cat([side, codes]))  # the decoder's own path
         coded = frames.features[None, :, :n]
         rows[f"{q} stages"] = (coded, *true_side)

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             envelope, f0, voiced = codec.frontend.analyse(wave)
             normalised = codec.normaliser.normalise(envelope)
-            codes = model.encode(normalised, n_stages, codec.config.codec.beam)
+            codes = model.encode(normalised, n_stages, codec.beam)
             latent = model.bottleneck.dequantize(codes)
             f0_hat, voiced_hat = pitch_from_codes(pitch_codes(f0, voiced, d), d, f0.shape[-1])
         x_hat = model.decoder(latent)[..., : envelope.shape[-1]]

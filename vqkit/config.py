@@ -173,7 +173,7 @@ class CodecConfig:
     side_coding: str = "separate"
     # Encoding with a residual VQ: the paths its search keeps through the stages (1: greedy, each
     # stage its nearest code, as in training). More find a closer latent for the same bits, at
-    # about 0.0008 x real time a path (12 stages, one thread); decoding is unchanged, so this key
+    # about 0.001 x real time a path (12 stages, one thread); decoding is unchanged, so this key
     # does not enter the model id either.
     beam: int = 4
 

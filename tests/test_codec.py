@@ -111,9 +111,9 @@ def test_chunked_encoding_equals_whole(
     reference = whole.model.encode(x, beam=beam)[0].numpy()
     np.testing.assert_array_equal(whole.encode(speech, RATE).codes, reference)
     assert (codes == reference).mean() >= 0.99  # float rounding may flip a rare near-tie
-    # the random model's codes vary (fewer with a wider search: its latents barely move, and
-    # the closer sums it finds share codes)
-    assert len(np.unique(reference)) > 3
+    # the random model's codes are varied (a wider search, closer to its barely moving latents,
+    # settles on fewer of them)
+    assert len(np.unique(reference)) > (20 if beam == 1 else 3)
 
 
 def test_chunked_decoding_equals_whole(checkpoint: Checkpoint, speech: np.ndarray) -> None:

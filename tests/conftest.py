@@ -169,6 +169,10 @@ def speech() -> np.ndarray:
     return np.concatenate([synth_utterance(rng, 0.5, f0) for f0 in (120, 200, 160)])[:-3]
 
 
+# the four bundled held-out prompts the shipped codec is measured on
+SAMPLE = sorted((Path(__file__).resolve().parents[1] / "vqkit/assets/sample").glob("*.flac"))
+
+
 def load_script(name: str) -> ModuleType:
     """The module of ``scripts/NAME.py``, to call its functions."""
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"

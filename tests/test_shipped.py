@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import TINY_PARAMETRIC_K, TINY_PARAMETRIC_RATE, save_random_codec
+from conftest import SAMPLE, TINY_PARAMETRIC_K, TINY_PARAMETRIC_RATE, save_random_codec
 from conftest import tiny_parametric_config as config
 
-import vqkit
 import vqkit.run
 from vqkit.audio.io import resample, write_audio
 from vqkit.checkpoint import load_checkpoint
@@ -79,7 +78,7 @@ def test_without_a_narrowband_model_default_codes_everything(
 def test_encode_searches_the_stages_with_the_beam_asked_for(tmp_path: Path, capsys) -> None:
     """``--beam`` overrides the shipped model's search (4 paths) in files and streams; both
     searches' codes are the model's, and a width out of range is one line and exit 1."""
-    clip = str(sorted((Path(vqkit.__file__).parent / "assets" / "sample").glob("*.flac"))[0])
+    clip = str(SAMPLE[0])
     files = {beam: tmp_path / f"beam{beam}.vqc" for beam in ("1", "4")}
     for beam, path in files.items():
         assert main(["encode", clip, str(path), "--bitrate", "1.3", "--beam", beam]) == 0

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE, save_random_codec, tiny_parametric_config
 from conftest import TINY_PARAMETRIC_K as K
 from conftest import TINY_PARAMETRIC_RATE as RATE
-from conftest import save_random_codec, tiny_parametric_config
 
 from vqkit.audio.frontends import make_frontend
 from vqkit.audio.io import read_audio
@@ -27,8 +27,6 @@ from vqkit.config import load_config
 from vqkit.errors import VqkitError
 from vqkit.eval.metrics import pesq_nb
 from vqkit.nn.model import build_model
-
-SAMPLE = sorted((Path(__file__).parents[1] / "vqkit" / "assets" / "sample").glob("*.flac"))
 
 
 def save_parametric(path: Path, speech: np.ndarray, *overrides: str) -> Path:

@@ -20,12 +20,13 @@ from vqkit.cli import main
 from vqkit.config import Config, load_config
 from vqkit.data.cache import FeatureCache
 from vqkit.errors import VqkitError
-from vqkit.nn.codebook import code_stats
+from vqkit.nn.codebook import Codebook, CodebookOptions, code_stats
+from vqkit.nn.normalise import Normaliser
 from vqkit.train import loop as train_module
 from vqkit.train.distributed import batch_indices
 from vqkit.train.log import StopOnInterrupt, read_metrics
 from vqkit.train.loop import make_scheduler, train
-from vqkit.train.losses import band_weights, reconstruction_loss
+from vqkit.train.losses import LossWeights, band_weights, reconstruction_loss
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs"
 TINY_MODEL = [
@@ -110,7 +111,7 @@ def test_cli_end_to_end(tiny_cache: Path, tmp_path: Path, capsys: pytest.Capture
     for key in ("recon", "sd_db", "usage/0", "perplexity/0"):
         assert all(math.isfinite(r[key]) for r in val), key
     (test,) = [r for r in rows if r["split"] == "test"]
-    assert test["step"] == min(val, key=lambda r: r["recon"])["step"]
+    assert test["step"] == min(val, key=lambda r: r["objective"])["step"]
     assert 0 < test["usage/0"] <= 1 and test["sd_db"] > 0
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -219,8 +220,8 @@ def test_high_band_weight_scales_the_loss_of_rows_above_the_split() -> None:
     config = load_config(RECIPES / "speech_parametric.toml", ["train.high_band_weight=0.25"])
     rows = band_weights(config)
     freqs = make_frontend(config.features, config.audio.sample_rate).frequencies()
-    assert rows.shape == (config.features.rate_k,)
-    assert torch.equal(rows, torch.tensor(np.where(freqs > 4000.0, 0.25, 1.0)))
+    assert rows.shape == (config.features.rate_k, 1)
+    assert torch.equal(rows[:, 0], torch.tensor(np.where(freqs > 4000.0, 0.25, 1.0)).float())
     unweighted = load_config(RECIPES / "speech_parametric.toml", ["train.high_band_weight=1"])
     assert band_weights(unweighted) is None
 
@@ -231,7 +232,7 @@ def test_high_band_weight_scales_the_loss_of_rows_above_the_split() -> None:
     weighted = [reconstruction_loss(y, x, "l1+mse", rows) for y in (low, high)]
     assert plain[0] == plain[1]
     assert weighted[0] / weighted[1] == pytest.approx(4.0)  # 1 against 0.25
-    assert reconstruction_loss(low, x, "mse", torch.ones(len(rows))) == plain[0] / 2
+    assert reconstruction_loss(low, x, "mse", torch.ones(len(rows), 1)) == plain[0] / 2
     with pytest.raises(VqkitError, match="needs audio features"):
         load_config(RECIPES / "image_vqvae.toml", ["train.high_band_weight=0.5"])
     nothing = ["train.high_band_weight=0", "train.band_split_hz=0"]
@@ -239,14 +240,91 @@ def test_high_band_weight_scales_the_loss_of_rows_above_the_split() -> None:
         band_weights(load_config(RECIPES / "speech_parametric.toml", nothing))
 
 
-def test_training_weights_the_loss_by_band(tiny_cache: Path, tmp_path: Path) -> None:
+def test_loudness_weight_counts_each_error_by_the_true_level() -> None:
+    config = load_config(RECIPES / "speech_parametric.toml", ["train.loudness_weight=0.23"])
+    rows = band_weights(config)  # the recipe's high band counts half
+    mean, std = torch.full((len(rows),), -30.0), torch.full((len(rows),), 10.0)
+    weights = LossWeights(config, Normaliser("meanstd", mean, std))
+    x_db = torch.zeros(1, len(rows), 3)
+    x_db[0, :, 0] = -40.0  # a pause 40 dB below the rest
+    x_db[0, -1, 1:] = -20.0  # and the top row 20 dB below the others when they speak
+    x = (x_db + 30.0) / 10.0  # normalised, as training sees it
+    w = weights(x)
+    assert w.shape == x.shape
+    assert torch.allclose(w[0, :, 0], 10 ** (-0.023 * 40) * rows[:, 0])
+    assert torch.allclose(w[0, :-1, 1:], rows[:-1].expand(-1, 2))
+    assert torch.allclose(w[0, -1, 1:], 10 ** (-0.023 * 20) * rows[-1].expand(2))
+    quiet, loud = x.clone(), x.clone()
+    quiet[0, 0, 0] += 1.0  # the same error, in the pause or in speech
+    loud[0, 0, 1] += 1.0
+    ratio = reconstruction_loss(quiet, x, "l1+mse", w) / reconstruction_loss(loud, x, "l1+mse", w)
+    assert ratio.item() == pytest.approx(10 ** (-0.92), rel=1e-5)
+    assert LossWeights(load_config(RECIPES / "speech_rvq.toml", []), weights.normaliser).plain
+    with pytest.raises(VqkitError, match="loudness_weight needs spectral features"):
+        load_config(RECIPES / "image_vqvae.toml", ["train.loudness_weight=0.23"])
+
+
+@pytest.mark.parametrize("weighting", ["train.high_band_weight=0.2", "train.loudness_weight=0.23"])
+def test_training_weights_the_loss_and_keeps_the_best_by_it(
+    weighting: str, tiny_cache: Path, tmp_path: Path
+) -> None:
     first = {}
-    for weight in (1.0, 0.2):
+    for name, setting in (("plain", "train.high_band_weight=1"), ("weighted", weighting)):
         split = "train.band_split_hz=1000"  # the tiny cache is at 8 kHz
-        config = tiny_train_config("train.steps=1", f"train.high_band_weight={weight}", split)
-        train(config, data=tiny_cache, run=tmp_path / str(weight))
-        first[weight] = train_rows(tmp_path / str(weight))[1]["recon"]
-    assert math.isfinite(first[0.2]) and first[0.2] != first[1.0]  # the same batch, reweighted
+        config = tiny_train_config(
+            "train.steps=4", "train.eval_every=1", "train.log_every=1", setting, split
+        )
+        train(config, data=tiny_cache, run=tmp_path / name)
+        first[name] = train_rows(tmp_path / name)[1]["recon"]
+    assert math.isfinite(first["weighted"]) and first["weighted"] != first["plain"]  # reweighted
+    rows = read_metrics(tmp_path / "weighted" / "metrics.jsonl")
+    val = [r for r in rows if r["split"] == "val"]
+    assert all(r["objective"] != r["recon"] for r in val)  # both reported, the plain to compare
+    best = load_checkpoint(tmp_path / "weighted" / "checkpoints" / "best.safetensors")
+    assert best.meta["step"] == min(val, key=lambda r: r["objective"])["step"]
+    assert best.meta["best_metric"] == "val/objective"
+
+
+def test_init_fine_tunes_a_trained_model(
+    tiny_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = train(tiny_train_config("train.steps=4"), data=tiny_cache, run=tmp_path / "base")
+    started = load_checkpoint(tmp_path / "base" / "checkpoints" / "best.safetensors")
+    # a learning rate too small to move the weights: the run keeps what it started from
+    config = tiny_train_config("train.steps=2", "train.lr=1e-12", "train.loudness_weight=0.23")
+    tuned = train(config, data=tiny_cache, run=tmp_path / "tuned", init=tmp_path / "base")
+    before, after = started.model.state_dict(), tuned.model.state_dict()
+    for name in before:
+        if name.startswith(("encoder.", "decoder.", "normaliser.")):
+            assert torch.allclose(after[name], before[name], atol=1e-6), name
+    fresh = train(config, data=tiny_cache, run=tmp_path / "fresh").model.state_dict()
+    decoder = [name for name in before if name.startswith("decoder.")]
+    assert any(not torch.allclose(fresh[name], before[name]) for name in decoder)
+    last = load_checkpoint(tmp_path / "tuned" / "checkpoints" / "last.safetensors")
+    assert last.meta["init"] == started.model_id and "init" not in started.meta
+    assert base.step == 4 and tuned.step == 2
+
+    with pytest.raises(VqkitError, match=r"another model.*model.hidden 32 -> 16"):
+        wider = tiny_train_config("train.steps=1", "model.hidden=16")
+        train(wider, data=tiny_cache, run=tmp_path / "other", init=tmp_path / "base")
+    with pytest.raises(VqkitError, match="only one of them"):
+        train(config, data=tiny_cache, run=tmp_path / "tuned", resume=True, init="default")
+    argv = ["train", str(RECIPES / "speech_rvq.toml"), "--data", str(tiny_cache)]
+    argv += ["--run", str(tmp_path / "cli"), "--init", "default"]
+    capsys.readouterr()  # the progress bars so far
+    assert main(argv) != 0  # the shipped default is a 16 kHz envelope model
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vqkit: error: cannot start from default") and "\n" not in err
+
+
+def test_codebook_restart_learns_afresh_from_its_vectors() -> None:
+    codebook = Codebook(8, 4, CodebookOptions(kmeans_init=False))
+    codebook.update(torch.randn(64, 4), torch.randint(0, 8, (64,)))
+    vectors = codebook.vectors.clone()
+    codebook.restart()
+    assert torch.equal(codebook.vectors, vectors) and torch.equal(codebook.embed_sum, vectors)
+    assert torch.equal(codebook.cluster_size, torch.ones(8))
+    assert not codebook.usage.any() and int(codebook.steps) == 0
 
 
 def test_code_stats() -> None:

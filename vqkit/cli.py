@@ -40,16 +40,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0 if summary.n_ok > 0 else 1
 
 
+TRAIN_SUMMARY = ("recon", "objective", "sd_db", "psnr_db", "usage/0")  # the rows' keys printed
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vqkit.config import load_config
     from vqkit.train.loop import train
 
     config = load_config(args.config, args.overrides)
     with _torch_threads(config.train.threads or None, "train.threads"):  # 0: as they are
-        result = train(config, data=args.data, run=args.run, resume=args.resume)
+        result = train(config, data=args.data, run=args.run, resume=args.resume, init=args.init)
     for split, row in (("val", result.val), ("test", result.test)):
         if row:
-            kept = {k: v for k, v in row.items() if k in ("recon", "sd_db", "psnr_db", "usage/0")}
+            kept = {k: v for k, v in row.items() if k in TRAIN_SUMMARY}
             print(f"{split}: " + ", ".join(f"{k} {v:.4g}" for k, v in kept.items()))
     print(f"trained {result.step} steps; checkpoints in {result.run / 'checkpoints'}")
     return 0

@@ -145,6 +145,7 @@ class TrainConfig:
     augment_warp: float = 0.0  # share of segments with their frequencies scaled (another speaker)
     high_band_weight: float = 1.0  # loss weight of feature rows above band_split_hz (audio)
     band_split_hz: float = 4000.0
+    loudness_weight: float = 0.0  # loss weight (P / P_max)^g by the true power P (audio), g = this
     log_every: int = 50
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -242,6 +243,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "train.augment_warp": (0, 1),
     "train.high_band_weight": (0, INF),
     "train.band_split_hz": (0, INF),
+    "train.loudness_weight": (0, 10),
     "train.warmup_steps": (0, INF),
     "train.grad_clip": (0, INF),
     "train.log_every": (1, INF),
@@ -292,7 +294,7 @@ def _check_sums(config: Config) -> None:
             f"{data.val_fraction:g} + {data.test_fraction:g}"
         )
     spectral = features.kind != "image" and features.normalise in ("none", "meanstd")
-    for key in ("augment", "augment_reverb", "augment_noise", "augment_warp"):
+    for key in ("augment", "augment_reverb", "augment_noise", "augment_warp", "loudness_weight"):
         if getattr(config.train, key) > 0 and not spectral:
             raise VqkitError(
                 f"train.{key} needs spectral features normalised 'none' or 'meanstd', got "
@@ -369,6 +371,7 @@ SAVED_BEFORE: dict[tuple[str, str], Any] = {
     ("train", "augment_warp"): 0.0,
     ("train", "high_band_weight"): 1.0,
     ("train", "band_split_hz"): 4000.0,
+    ("train", "loudness_weight"): 0.0,
     ("features", "pitch"): "yin",
 }
 

@@ -74,6 +74,11 @@ def _add_data_verbs(verb: Verb) -> None:
         help="run folder (checkpoints, metrics); write --run-dir under torchrun",
     )
     p.add_argument("--resume", action="store_true", help="continue from RUN's last checkpoint")
+    p.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from MODEL's weights (default, a run or a checkpoint)",
+    )
     _add_config_args(p)
 
 

@@ -194,6 +194,14 @@ class Codebook(nn.Module):
         self.vectors.copy_(vectors)
 
     @torch.no_grad()
+    def restart(self) -> None:
+        """Begin the learning state afresh from the vectors as they are (fine-tuning a trained
+        model): EMA sums, usage and the dead-code window."""
+        self._set_codes(torch.arange(self.codebook_size), self.vectors.detach().clone())
+        self.usage.zero_()
+        self.steps.zero_()
+
+    @torch.no_grad()
     def reseed_dead(self, x: Tensor) -> int:
         """Replace codes used fewer than ``dead_threshold`` times this window by rows of ``x``.
 

@@ -1,7 +1,8 @@
 """The training loop: a plain, step-based, seeded and resumable PyTorch loop written as functions.
 
 ``train`` reads top to bottom: ``start`` opens the feature cache and the run folder and builds the
-model, optimizer and schedule (restored from ``RUN/checkpoints/last.safetensors`` with ``resume``);
+model, optimizer and schedule (restored from ``RUN/checkpoints/last.safetensors`` with ``resume``;
+with ``init``, the model starts from a trained model's weights: fine-tuning);
 ``loop`` repeats ``train_step``, logs a row every ``log_every`` steps, runs ``evaluate`` on the
 'val' split every ``eval_every`` steps (keeping the best checkpoint) and saves a resumable
 checkpoint every ``checkpoint_every`` steps; at the end the best checkpoint is evaluated on 'test'.
@@ -27,24 +28,25 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from vqkit.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from vqkit.checkpoint import ENCODER_ONLY, Checkpoint, load_checkpoint, save_checkpoint
 from vqkit.config import Config, config_to_dict, replace
 from vqkit.data.cache import FeatureCache
 from vqkit.data.dataset import SegmentDataset, make_normaliser
 from vqkit.errors import VqkitError
 from vqkit.files import check_output, remove_temporaries, write_json
 from vqkit.limits import check_threads
+from vqkit.nn.codebook import Codebook
 from vqkit.nn.model import Autoencoder, build_model
-from vqkit.run import RunFolder
+from vqkit.run import RunFolder, resolve_model
 from vqkit.train.distributed import Distributed, batch_indices, init_distributed, step_seed
 from vqkit.train.log import MetricsLog, StopOnInterrupt, Throughput, plot_losses, progress
-from vqkit.train.losses import band_weights, reconstruction_loss
+from vqkit.train.losses import LossWeights, reconstruction_loss
 from vqkit.train.validate import eval_frames, evaluate
 
 # train keys a resumed run may change; everything else must match the run's saved config.
 RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "checkpoint_every", "eval_batches")
 RESUMABLE_CHANGES += ("device", "threads")
-BEST_METRIC = "recon"  # validation reconstruction loss on normalised features
+BEST_METRIC = "objective"  # validation loss on normalised features, weighted as in training
 
 
 @dataclass
@@ -73,15 +75,23 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     in_shape: tuple[int, ...]
     log: MetricsLog | None  # rank 0 only
-    rows: Tensor | None  # the loss weight of each feature row (train.high_band_weight)
+    weights: LossWeights  # the loss weight of each error (train.high_band_weight, ...)
     step: int = 0
     best: float = math.inf
+    init: str | None = None  # the model id of the weights it started from (fine-tuning)
 
 
 def train(
-    config: Config, *, data: str | os.PathLike, run: str | os.PathLike, resume: bool = False
+    config: Config,
+    *,
+    data: str | os.PathLike,
+    run: str | os.PathLike,
+    resume: bool = False,
+    init: str | os.PathLike | None = None,
 ) -> TrainResult:
-    """Train ``config``'s model on the feature cache ``data``, writing into the folder ``run``.
+    """Train ``config``'s model on the feature cache ``data``, writing into the folder ``run``,
+    from fresh weights or, with ``init``, from the weights of that model (a shipped name, a run
+    or a checkpoint; see :func:`initial_weights`).
 
     Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK set) this joins the process group first.
     Ctrl-C (or SIGTERM) saves ``last`` after the current step, then raises KeyboardInterrupt
@@ -89,11 +99,13 @@ def train(
     Torch runs on the caller's threads (``vqkit train`` applies ``train.threads``).
     """
     check_output(run, data)
+    if resume and init is not None:
+        raise VqkitError("--init starts a run and --resume continues one: pass only one of them")
     if config.train.threads > 0:
         check_threads(config.train.threads, "train.threads")
     dist = init_distributed(config.train.device)
     try:
-        session = start(config, Path(data), Path(run), resume, dist)
+        session = start(config, Path(data), Path(run), resume, dist, init)
         val_row = loop(session)
         test_row = evaluate_best_on_test(session)
         model = session.model.eval()
@@ -102,7 +114,14 @@ def train(
         dist.close()
 
 
-def start(config: Config, data: Path, run: Path, resume: bool, dist: Distributed) -> Session:
+def start(
+    config: Config,
+    data: Path,
+    run: Path,
+    resume: bool,
+    dist: Distributed,
+    init: str | os.PathLike | None = None,
+) -> Session:
     """Open the cache and the run folder; build (or restore) the model, optimizer and schedule."""
     cache = FeatureCache(data)
     config = resolve_config(config, cache)
@@ -123,15 +142,17 @@ def start(config: Config, data: Path, run: Path, resume: bool, dist: Distributed
     model = build_model(config, in_shape)
     # the model carries the very normaliser its data goes through (saved in its state dict)
     model.normaliser.load_state_dict(make_normaliser(cache).state_dict())
+    init_id = None if init is None else initial_weights(model, init, config)
     model = model.to(dist.device)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
     log = MetricsLog(RunFolder(run).metrics, keep_until=0) if dist.is_main else None
     net = wrap_model(model, config, dist)
-    rows = band_weights(config)
+    weights = LossWeights(config, model.normaliser)
     session = Session(
-        config, cache, run, dist, model, net, optimizer, scheduler, in_shape, log, rows
+        config, cache, run, dist, model, net, optimizer, scheduler, in_shape, log, weights
     )
+    session.init = init_id
     if checkpoint is not None:
         restore(session, checkpoint)
     if dist.is_main:
@@ -149,7 +170,7 @@ def loop(s: Session) -> dict[str, Any]:
         while s.step < tc.steps:
             with meter.measure() as frames:
                 x = training_batch(s.cache, s.step, s.config, s.dist)
-                row = train_step(s.net, x, s.optimizer, s.scheduler, s.config, s.rows)
+                row = train_step(s.net, x, s.optimizer, s.scheduler, s.config, s.weights(x))
                 frames.append(x.shape[0] * x.shape[-1])
             s.step += 1
             row["frames_per_s"] = meter.rate()
@@ -205,16 +226,42 @@ def open_run(run: Path, config: Config, resume: bool) -> Checkpoint | None:
     return checkpoint
 
 
-def config_changes(saved: Config, new: Config) -> list[str]:
-    """Keys that differ between two configs, except the ones a resumed run may change."""
+def config_changes(saved: Config, new: Config, sections: tuple[str, ...] = ()) -> list[str]:
+    """Keys that differ between two configs, except the ones a resumed run may change; with
+    ``sections``, only those sections' keys, except the ones that steer the encoder only."""
     old, now = config_to_dict(saved), config_to_dict(new)
     return [
         f"{section}.{key} {old[section][key]!r} -> {now[section][key]!r}"
-        for section in old
+        for section in sections or old
         for key in old[section]
         if old[section][key] != now[section][key]
         and not (section == "train" and key in RESUMABLE_CHANGES)
+        and not (sections and (section, key) in ENCODER_ONLY)
     ]
+
+
+def initial_weights(model: Autoencoder, init: str | os.PathLike, config: Config) -> str:
+    """Fill ``model`` with the weights of the model ``init`` names, which must be the model
+    ``config`` builds; returns its model id. Its normaliser comes along (the weights fit its
+    statistics, not the cache's) and its codebooks learn afresh from its code vectors."""
+    checkpoint = load_checkpoint(resolve_model(init))
+    changed = config_changes(checkpoint.config, config, ("features", "model", "bottleneck"))
+    if checkpoint.config.audio.sample_rate != config.audio.sample_rate:
+        changed.insert(
+            0,
+            f"audio.sample_rate {checkpoint.config.audio.sample_rate} -> "
+            f"{config.audio.sample_rate}",
+        )
+    if changed:
+        raise VqkitError(
+            f"cannot start from {init}: it is another model than this recipe and cache make "
+            f"({'; '.join(changed[:4])})"
+        )
+    model.load_state_dict(checkpoint.model.state_dict())
+    for codebook in model.modules():
+        if isinstance(codebook, Codebook):
+            codebook.restart()
+    return checkpoint.model_id
 
 
 def input_shape(config: Config, x: Tensor) -> tuple[int, ...]:
@@ -248,8 +295,10 @@ def restore(s: Session, checkpoint: Checkpoint) -> None:
     s.optimizer.load_state_dict(checkpoint.optimizer)
     s.scheduler.load_state_dict(checkpoint.scheduler)
     s.step = int(checkpoint.meta["step"])
+    s.init = checkpoint.meta.get("init")
     best = checkpoint.meta.get("best")
-    s.best = math.inf if best is None else float(best)
+    same_metric = checkpoint.meta.get("best_metric") == f"val/{BEST_METRIC}"
+    s.best = math.inf if best is None or not same_metric else float(best)
     if s.log is not None:  # drop rows an interrupted run logged after its last checkpoint
         s.log = MetricsLog(RunFolder(s.run).metrics, keep_until=s.step)
 
@@ -302,13 +351,13 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     config: Config,
-    rows: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> dict[str, float]:
-    """One optimisation step on the batch ``x``, the loss weighting feature rows by ``rows``
-    (:func:`vqkit.train.losses.band_weights`); returns the losses and bottleneck stats."""
+    """One optimisation step on the batch ``x``, the loss weighting its errors by ``weight``
+    (:class:`vqkit.train.losses.LossWeights`); returns the losses and bottleneck stats."""
     model.train()
     out = model(x)
-    recon = reconstruction_loss(out.x_hat, x, config.train.recon_loss, rows)
+    recon = reconstruction_loss(out.x_hat, x, config.train.recon_loss, weight)
     loss = recon + out.bottleneck.loss
     if not torch.isfinite(loss):
         raise VqkitError(f"training diverged: loss is {loss.item()} (lower train.lr?)")
@@ -352,6 +401,8 @@ def save(s: Session, name: str) -> None:
         "in_shape": list(s.in_shape),
         "world_size": s.dist.world_size,
     }
+    if s.init is not None:
+        meta["init"] = s.init
     resumable = name == "last"
     save_checkpoint(
         RunFolder(s.run).checkpoint(name),

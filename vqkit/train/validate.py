@@ -11,7 +11,12 @@ from vqkit.config import Config
 from vqkit.data.dataset import SegmentDataset, item_side_info
 from vqkit.nn.codebook import code_counts, code_stats
 from vqkit.nn.model import Autoencoder, AutoencoderOutput
-from vqkit.train.losses import LSD_FLOOR_DB, reconstruction_loss, spectral_distortion_db
+from vqkit.train.losses import (
+    LSD_FLOOR_DB,
+    LossWeights,
+    reconstruction_loss,
+    spectral_distortion_db,
+)
 
 
 def eval_frames(config: Config) -> int:
@@ -28,9 +33,10 @@ def evaluate(
     device: torch.device,
     n_items: int | None = None,
 ) -> dict[str, float]:
-    """Mean reconstruction loss, bottleneck stats (e.g. "kl"), PSNR (images) or spectral
-    distances (audio; :func:`batch_metrics`), and per-stage code usage and perplexity counted over
-    the first ``n_items`` items of ``dataset`` (default ``eval_batches * batch_size``).
+    """Mean reconstruction loss (plain, and ``objective``: weighted as training weights it),
+    bottleneck stats (e.g. "kl"), PSNR (images) or spectral distances (audio;
+    :func:`batch_metrics`), and per-stage code usage and perplexity counted over the first
+    ``n_items`` items of ``dataset`` (default ``eval_batches * batch_size``).
 
     Items of equal shape are batched; every number is weighted by frames, so padding never counts.
     """
@@ -39,11 +45,12 @@ def evaluate(
     n = min(len(dataset), tc.eval_batches * tc.batch_size if n_items is None else n_items)
     totals: dict[str, float] = {}
     counts: Tensor | None = None
+    weights = LossWeights(config, model.normaliser)
     for indices in equal_shape_batches(dataset, n, tc.batch_size):
         x = torch.stack([dataset[i] for i in indices]).to(device)
         out = model(x)
         weight = x.shape[0] * x.shape[-1]
-        values = batch_metrics(dataset, indices, x, out, config)
+        values = batch_metrics(dataset, indices, x, out, config, weights)
         for key, value in values.items():
             totals[key] = totals.get(key, 0.0) + value * weight
         totals["weight"] = totals.get("weight", 0.0) + weight
@@ -72,10 +79,17 @@ def equal_shape_batches(dataset: SegmentDataset, n: int, batch_size: int) -> lis
 
 
 def batch_metrics(
-    dataset: SegmentDataset, indices: list[int], x: Tensor, out: AutoencoderOutput, config: Config
+    dataset: SegmentDataset,
+    indices: list[int],
+    x: Tensor,
+    out: AutoencoderOutput,
+    config: Config,
+    weights: LossWeights,
 ) -> dict[str, float]:
     """The numbers :func:`evaluate` averages for one batch ``x`` of ``dataset[indices]``."""
-    values = {"recon": reconstruction_loss(out.x_hat, x, config.train.recon_loss).item()}
+    kind = config.train.recon_loss
+    values = {"recon": reconstruction_loss(out.x_hat, x, kind).item()}
+    values["objective"] = reconstruction_loss(out.x_hat, x, kind, weights(x)).item()
     values["aux"] = out.bottleneck.loss.item()
     per_batch = ("usage/", "perplexity/")  # recounted over the whole split
     stats = out.bottleneck.stats.items()

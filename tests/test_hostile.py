@@ -350,7 +350,7 @@ def test_write_failures_name_the_path_and_cause(model: Path, audio: Path, tmp_pa
 
 def test_prepare_on_a_full_disk_leaves_no_lock(tiny_speech_dir: Path, tmp_path: Path, capfd):
     out = tmp_path / "cache"
-    with file_size_limit(2048):
+    with file_size_limit(4096):  # the config fits, a feature file does not
         status, _, err = vqkit_cli(capfd, "prepare", tiny_speech_dir, out)
     assert status == 1, err
     assert re.search(r"\nvqkit: error: cannot write .*: the file size limit .* reached\n$", err), (

@@ -4,8 +4,10 @@ shared by every module that keeps files."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -18,6 +20,7 @@ from typing import Any
 from vqkit.errors import VqkitError
 
 TEMPORARY_SUFFIX = ".tmp"  # atomic_path writes ``.NAME.PID.RANDOM.tmp`` beside ``NAME``
+SIZE_LIMIT_REACHED = "the file size limit (ulimit -f) is reached"
 STDIO = "-"  # the name of standard input or output: never a path to check or rename over
 # Extensions of audio files: an output named so would be taken for audio (``encode x.wav y.wav``
 # is a slip that would replace audio with code bytes).
@@ -281,13 +284,15 @@ def _reason(e: BaseException, path: Path, tmp: Path | None = None) -> str:
             if not parent.is_dir():
                 return f"{parent} is not a folder"
             break
+    if getattr(e, "errno", None) == errno.EFBIG and _size_limit() < math.inf:
+        return SIZE_LIMIT_REACHED
     if getattr(e, "errno", None) is not None and getattr(e, "strerror", None):
         return e.strerror
     # libsndfile says "System error." and safetensors "IoError(...)": find the cause ourselves
     if "StorageFull" in str(e) or "No space left" in str(e) or _disk_full(tmp or path):
         return "no space left on the device"
     if tmp is not None and _at_size_limit(tmp):
-        return "the file size limit (ulimit -f) is reached"
+        return SIZE_LIMIT_REACHED
     return _first_line(e)
 
 
@@ -301,12 +306,17 @@ def _disk_full(path: Path) -> bool:
 
 def _at_size_limit(tmp: Path) -> bool:
     """Whether ``tmp`` has grown to within a block of this process's file size limit."""
+    with contextlib.suppress(OSError):
+        return tmp.stat().st_size > _size_limit() - 64 * 1024
+    return False
+
+
+def _size_limit() -> float:
+    """This process's file size limit in bytes (``ulimit -f``); inf when it has none."""
     import resource
 
-    with contextlib.suppress(OSError, ValueError):
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        return limit != resource.RLIM_INFINITY and tmp.stat().st_size > limit - 64 * 1024
-    return False
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return math.inf if limit == resource.RLIM_INFINITY else limit
 
 
 def _first_line(e: BaseException) -> str:

@@ -259,7 +259,7 @@ def test_loudness_weight_counts_each_error_by_the_true_level() -> None:
     loud[0, 0, 1] += 1.0
     ratio = reconstruction_loss(quiet, x, "l1+mse", w) / reconstruction_loss(loud, x, "l1+mse", w)
     assert ratio.item() == pytest.approx(10 ** (-0.92), rel=1e-5)
-    assert LossWeights(load_config(RECIPES / "speech_rvq.toml", []), weights.normaliser).plain
+    assert LossWeights(load_config(RECIPES / "speech_rvq.toml", []), weights.normaliser)(x) is None
     with pytest.raises(VqkitError, match="loudness_weight needs spectral features"):
         load_config(RECIPES / "image_vqvae.toml", ["train.loudness_weight=0.23"])
 
@@ -305,8 +305,8 @@ def test_init_fine_tunes_a_trained_model(
     assert base.step == 4 and tuned.step == 2
 
     with pytest.raises(VqkitError, match=r"another model.*model.hidden 32 -> 16"):
-        wider = tiny_train_config("train.steps=1", "model.hidden=16")
-        train(wider, data=tiny_cache, run=tmp_path / "other", init=tmp_path / "base")
+        narrower = tiny_train_config("train.steps=1", "model.hidden=16")
+        train(narrower, data=tiny_cache, run=tmp_path / "other", init=tmp_path / "base")
     with pytest.raises(VqkitError, match="only one of them"):
         train(config, data=tiny_cache, run=tmp_path / "tuned", resume=True, init="default")
     argv = ["train", str(RECIPES / "speech_rvq.toml"), "--data", str(tiny_cache)]

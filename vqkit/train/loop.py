@@ -245,13 +245,9 @@ def initial_weights(model: Autoencoder, init: str | os.PathLike, config: Config)
     ``config`` builds; returns its model id. Its normaliser comes along (the weights fit its
     statistics, not the cache's) and its codebooks learn afresh from its code vectors."""
     checkpoint = load_checkpoint(resolve_model(init))
-    changed = config_changes(checkpoint.config, config, ("features", "model", "bottleneck"))
-    if checkpoint.config.audio.sample_rate != config.audio.sample_rate:
-        changed.insert(
-            0,
-            f"audio.sample_rate {checkpoint.config.audio.sample_rate} -> "
-            f"{config.audio.sample_rate}",
-        )
+    rates = checkpoint.config.audio.sample_rate, config.audio.sample_rate
+    changed = [f"audio.sample_rate {rates[0]} -> {rates[1]}"] if rates[0] != rates[1] else []
+    changed += config_changes(checkpoint.config, config, ("features", "model", "bottleneck"))
     if changed:
         raise VqkitError(
             f"cannot start from {init}: it is another model than this recipe and cache make "

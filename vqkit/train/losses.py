@@ -30,11 +30,7 @@ def reconstruction_loss(
     if kind not in RECON_LOSSES:
         raise VqkitError(f"train.recon_loss must be one of {', '.join(RECON_LOSSES)}, got '{kind}'")
     error = x_hat - x
-    if weight is not None:
-        weight = weight.to(x)
-        weight = weight / weight.expand_as(x).mean()
-    else:
-        weight = 1.0
+    weight = 1.0 if weight is None else weight.to(x) / weight.to(x).expand_as(x).mean()
     terms = [(error.abs() * weight).mean()] if "l1" in kind else []
     if "mse" in kind:
         terms.append((error.square() * weight).mean())
@@ -72,10 +68,6 @@ class LossWeights:
         self.rows = band_weights(config)
         self.exponent = config.train.loudness_weight
         self.normaliser = normaliser  # meanstd or none (config check): dB without side info
-
-    @property
-    def plain(self) -> bool:
-        return self.rows is None and self.exponent == 0
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor | None:

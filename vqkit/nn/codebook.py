@@ -197,7 +197,8 @@ class Codebook(nn.Module):
     def restart(self) -> None:
         """Begin the learning state afresh from the vectors as they are (fine-tuning a trained
         model): EMA sums, usage and the dead-code window."""
-        self._set_codes(torch.arange(self.codebook_size), self.vectors.detach().clone())
+        every = torch.arange(self.codebook_size, device=self.vectors.device)
+        self._set_codes(every, self.vectors.detach().clone())
         self.usage.zero_()
         self.steps.zero_()
 

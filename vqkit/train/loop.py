@@ -76,9 +76,9 @@ class Session:
     in_shape: tuple[int, ...]
     log: MetricsLog | None  # rank 0 only
     weights: LossWeights  # the loss weight of each error (train.high_band_weight, ...)
+    init: str | None  # the model id of the weights it started from (fine-tuning), else None
     step: int = 0
     best: float = math.inf
-    init: str | None = None  # the model id of the weights it started from (fine-tuning)
 
 
 def train(
@@ -150,9 +150,8 @@ def start(
     net = wrap_model(model, config, dist)
     weights = LossWeights(config, model.normaliser)
     session = Session(
-        config, cache, run, dist, model, net, optimizer, scheduler, in_shape, log, weights
+        config, cache, run, dist, model, net, optimizer, scheduler, in_shape, log, weights, init_id
     )
-    session.init = init_id
     if checkpoint is not None:
         restore(session, checkpoint)
     if dist.is_main:

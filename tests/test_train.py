@@ -249,7 +249,7 @@ def test_loudness_weight_counts_each_error_by_the_true_level() -> None:
     x_db[0, :, 0] = -40.0  # a pause 40 dB below the rest
     x_db[0, -1, 1:] = -20.0  # and the top row 20 dB below the others when they speak
     x = (x_db + 30.0) / 10.0  # normalised, as training sees it
-    w = weights(x)
+    w = weights(x, x)
     assert w.shape == x.shape
     assert torch.allclose(w[0, :, 0], 10 ** (-0.023 * 40) * rows[:, 0])
     assert torch.allclose(w[0, :-1, 1:], rows[:-1].expand(-1, 2))
@@ -259,12 +259,33 @@ def test_loudness_weight_counts_each_error_by_the_true_level() -> None:
     loud[0, 0, 1] += 1.0
     ratio = reconstruction_loss(quiet, x, "l1+mse", w) / reconstruction_loss(loud, x, "l1+mse", w)
     assert ratio.item() == pytest.approx(10 ** (-0.92), rel=1e-5)
-    assert LossWeights(load_config(RECIPES / "speech_rvq.toml", []), weights.normaliser)(x) is None
+    plain = LossWeights(load_config(RECIPES / "speech_rvq.toml", []), weights.normaliser)
+    assert plain(x, x) is None
     with pytest.raises(VqkitError, match="loudness_weight needs spectral features"):
         load_config(RECIPES / "image_vqvae.toml", ["train.loudness_weight=0.23"])
 
 
-@pytest.mark.parametrize("weighting", ["train.high_band_weight=0.2", "train.loudness_weight=0.23"])
+def test_overshoot_weight_counts_errors_above_the_truth_more() -> None:
+    settings = ["train.overshoot_weight=2", "train.high_band_weight=1"]
+    config = load_config(RECIPES / "speech_parametric.toml", settings)
+    rows = len(band_weights(load_config(RECIPES / "speech_parametric.toml", [])))
+    weights = LossWeights(config, Normaliser("meanstd", torch.zeros(rows), torch.ones(rows)))
+    x = torch.zeros(1, rows, 4)
+    over, under = x.clone(), x.clone()
+    over[0, 0, 0], under[0, 0, 0] = 1.0, -1.0  # the same error, above the truth or below
+    assert torch.equal(weights(x, over)[0, :, 1:], torch.ones(rows, 3))
+    assert weights(x, over)[0, 0, 0] == 2.0 and weights(x, under)[0, 0, 0] == 1.0
+    # each weighting is scaled to mean 1: compare the raw sums
+    ratio = (weights(x, over) * (over - x).abs()).sum() / (weights(x, under) * (under - x).abs()).sum()
+    assert ratio == 2.0
+    with pytest.raises(VqkitError, match="overshoot_weight"):
+        load_config(RECIPES / "speech_parametric.toml", ["train.overshoot_weight=-1"])
+
+
+@pytest.mark.parametrize(
+    "weighting",
+    ["train.high_band_weight=0.2", "train.loudness_weight=0.23", "train.overshoot_weight=3"],
+)
 def test_training_weights_the_loss_and_keeps_the_best_by_it(
     weighting: str, tiny_cache: Path, tmp_path: Path
 ) -> None:

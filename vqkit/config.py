@@ -146,6 +146,7 @@ class TrainConfig:
     high_band_weight: float = 1.0  # loss weight of feature rows above band_split_hz (audio)
     band_split_hz: float = 4000.0
     loudness_weight: float = 0.0  # loss weight (P / P_max)^g by the true power P (audio), g = this
+    overshoot_weight: float = 1.0  # loss weight of errors where the output is above the truth
     log_every: int = 50
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -244,6 +245,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "train.high_band_weight": (0, INF),
     "train.band_split_hz": (0, INF),
     "train.loudness_weight": (0, 10),
+    "train.overshoot_weight": (0, INF),
     "train.warmup_steps": (0, INF),
     "train.grad_clip": (0, INF),
     "train.log_every": (1, INF),
@@ -372,6 +374,7 @@ SAVED_BEFORE: dict[tuple[str, str], Any] = {
     ("train", "high_band_weight"): 1.0,
     ("train", "band_split_hz"): 4000.0,
     ("train", "loudness_weight"): 0.0,
+    ("train", "overshoot_weight"): 1.0,
     ("features", "pitch"): "yin",
 }
 

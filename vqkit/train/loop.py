@@ -169,7 +169,7 @@ def loop(s: Session) -> dict[str, Any]:
         while s.step < tc.steps:
             with meter.measure() as frames:
                 x = training_batch(s.cache, s.step, s.config, s.dist)
-                row = train_step(s.net, x, s.optimizer, s.scheduler, s.config, s.weights(x))
+                row = train_step(s.net, x, s.optimizer, s.scheduler, s.config, s.weights)
                 frames.append(x.shape[0] * x.shape[-1])
             s.step += 1
             row["frames_per_s"] = meter.rate()
@@ -346,12 +346,13 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     config: Config,
-    weight: Tensor | None = None,
+    weights: LossWeights | None = None,
 ) -> dict[str, float]:
-    """One optimisation step on the batch ``x``, the loss weighting its errors by ``weight``
-    (:class:`vqkit.train.losses.LossWeights`); returns the losses and bottleneck stats."""
+    """One optimisation step on the batch ``x``, the loss weighting its errors by ``weights``;
+    returns the losses and bottleneck stats."""
     model.train()
     out = model(x)
+    weight = None if weights is None else weights(x, out.x_hat)
     recon = reconstruction_loss(out.x_hat, x, config.train.recon_loss, weight)
     loss = recon + out.bottleneck.loss
     if not torch.isfinite(loss):

@@ -59,7 +59,9 @@ class LossWeights:
     true spectrum there, ``(P / P_max) ** g`` of its power ``P`` against ``P_max``, the loudest
     point of the segment. With g = 0.23, Zwicker's loudness exponent that PESQ uses, an error
     40 dB below the peak (in a pause, a spectral valley, the quiet high band) counts 0.12 of one
-    at the peak, so the model's capacity goes to what a listener hears loudest.
+    at the peak, so the model's capacity goes to what a listener hears loudest. Times
+    ``train.overshoot_weight`` where the output is above the truth: PESQ, like a listener, hears
+    power added to the signal more than power taken from it.
 
     Validation reports the plain loss (runs compare on it) and the weighted one (``objective``,
     which picks the best checkpoint)."""
@@ -67,17 +69,25 @@ class LossWeights:
     def __init__(self, config: Config, normaliser: Normaliser) -> None:
         self.rows = band_weights(config)
         self.exponent = config.train.loudness_weight
+        self.overshoot = config.train.overshoot_weight
         self.normaliser = normaliser  # meanstd or none (config check): dB without side info
 
     @torch.no_grad()
-    def __call__(self, x: Tensor) -> Tensor | None:
-        """Weights of normalised features ``(B, F, N)``: ``(B, F, N)``, ``(F, 1)`` or None."""
-        if self.exponent == 0:
-            return self.rows
-        x_db = self.normaliser.denormalise(x, self.normaliser.side_info(x))
-        level = x_db - x_db.amax(dim=(-2, -1), keepdim=True)
-        weight = torch.pow(10.0, self.exponent * level / 10)
-        return weight if self.rows is None else weight * self.rows.to(weight)
+    def __call__(self, x: Tensor, x_hat: Tensor) -> Tensor | None:
+        """Weights of the errors of ``x_hat`` against the normalised features ``x`` ``(B, F, N)``:
+        ``(B, F, N)``, ``(F, 1)`` or None (all 1)."""
+        weight = self.rows
+        if self.exponent != 0:
+            x_db = self.normaliser.denormalise(x, self.normaliser.side_info(x))
+            level = x_db - x_db.amax(dim=(-2, -1), keepdim=True)
+            weight = _times(weight, torch.pow(10.0, self.exponent * level / 10))
+        if self.overshoot != 1:  # the normalisation keeps the order of dB values
+            weight = _times(weight, torch.where(x_hat > x, self.overshoot, 1.0).to(x))
+        return weight
+
+
+def _times(weight: Tensor | None, factor: Tensor) -> Tensor:
+    return factor if weight is None else factor * weight.to(factor)
 
 
 def spectral_distortion_db(x_db: Tensor, x_hat_db: Tensor) -> Tensor:

@@ -89,7 +89,7 @@ def batch_metrics(
     """The numbers :func:`evaluate` averages for one batch ``x`` of ``dataset[indices]``."""
     kind = config.train.recon_loss
     values = {"recon": reconstruction_loss(out.x_hat, x, kind).item()}
-    values["objective"] = reconstruction_loss(out.x_hat, x, kind, weights(x)).item()
+    values["objective"] = reconstruction_loss(out.x_hat, x, kind, weights(x, out.x_hat)).item()
     values["aux"] = out.bottleneck.loss.item()
     per_batch = ("usage/", "perplexity/")  # recounted over the whole split
     stats = out.bottleneck.stats.items()

@@ -138,8 +138,9 @@ def test_a_reload_loses_no_rating(test_page, tmp_path):
     # browser on the profile would depend on when Chromium flushes its storage to disk)
     dom, console = listener(page, tmp_path / "profile", "bob&trials=1&reload=1")
     assert console == []
-    assert "data-autotest" not in dom  # the reloaded page, not the scripted one
-    assert 'data-listener="bob"' in dom
+    body = re.search(r"<body[^>]*>", dom).group(0)  # shown if it fails: which page was dumped
+    assert "data-autotest" not in body, body  # the reloaded page, not the scripted one
+    assert 'data-listener="bob"' in body, body
     assert re.search(r'<progress id="progress" value="1" max="2">', dom)
     assert "unrated" not in dom.split('id="conditions"')[1].split("</div>")[0]
 

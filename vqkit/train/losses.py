@@ -30,7 +30,11 @@ def reconstruction_loss(
     if kind not in RECON_LOSSES:
         raise VqkitError(f"train.recon_loss must be one of {', '.join(RECON_LOSSES)}, got '{kind}'")
     error = x_hat - x
-    weight = 1.0 if weight is None else weight.to(x) / weight.to(x).expand_as(x).mean()
+    if weight is None:
+        weight = 1.0
+    else:
+        weight = weight.to(x)
+        weight = weight / weight.expand_as(x).mean()
     terms = [(error.abs() * weight).mean()] if "l1" in kind else []
     if "mse" in kind:
         terms.append((error.square() * weight).mean())
